@@ -1,0 +1,127 @@
+"""JSON and MessagePack codecs for the contract, chosen by the AMQP ``content_type``.
+
+Decoding failures are classified into the contract's codes here, once, for every caller:
+malformed bodies, non-objects and unknown ops are ``invalid_message``; a known op with bad
+fields is ``invalid_request``; a number no JSON store can hold is ``unsupported_value``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from schemas.errors import InvalidMessage, InvalidRequest, StateError, UnsupportedValue
+from schemas.messages import READ_OPS, WRITE_OPS, ReadRequest, Reply, WriteCommand
+
+JSON: Final = "application/json"
+MSGPACK: Final = "application/msgpack"
+
+_CONTENT_TYPES: Final = {
+    JSON: JSON,
+    "": JSON,
+    MSGPACK: MSGPACK,
+    "application/x-msgpack": MSGPACK,
+    "application/vnd.msgpack": MSGPACK,
+}
+
+# msgspec reports "Number out of range" for 1e999 and friends: Infinity by another name.
+_VALUE_PATH: Final = re.compile(r"at `\$(?:\.ops\[\d+\])?\.value")
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """Encoders and decoders of one content type, built once."""
+
+    content_type: str
+    name: str
+    writes: msgspec.json.Decoder[WriteCommand] | msgspec.msgpack.Decoder[WriteCommand]
+    reads: msgspec.json.Decoder[ReadRequest] | msgspec.msgpack.Decoder[ReadRequest]
+    replies: msgspec.json.Decoder[Reply] | msgspec.msgpack.Decoder[Reply]
+    untyped: msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]
+    encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder
+
+    def encode(self, message: object) -> bytes:
+        return self.encoder.encode(message)
+
+    def decode_write(self, body: bytes) -> WriteCommand:
+        try:
+            return self.writes.decode(body)
+        except msgspec.DecodeError as exc:
+            raise self._classify(body, exc, WRITE_OPS, "write command") from None
+
+    def decode_read(self, body: bytes) -> ReadRequest:
+        try:
+            return self.reads.decode(body)
+        except msgspec.DecodeError as exc:
+            raise self._classify(body, exc, READ_OPS, "read request") from None
+
+    def decode_reply(self, body: bytes) -> Reply:
+        try:
+            return self.replies.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidMessage(f"malformed reply: {exc}") from None
+
+    def _classify(
+        self, body: bytes, exc: msgspec.DecodeError, ops: frozenset[str], what: str
+    ) -> StateError:
+        if not isinstance(exc, msgspec.ValidationError):
+            return InvalidMessage(f"body is not well-formed {self.name}: {exc}")
+        text = str(exc)
+        if "out of range" in text and _VALUE_PATH.search(text):
+            # The path names a value field, so the op was known and decoding reached it.
+            return UnsupportedValue(f"value holds a number jsonb cannot store: {text}")
+        # The typed decode failed: look again, untyped, to tell "not an object / which op?"
+        # (the message's shape) from "a known op with a bad field" (the request's content).
+        try:
+            obj = self.untyped.decode(body)
+        except msgspec.DecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            return InvalidMessage(f"body must be a {self.name} object")
+        op = obj.get("op")
+        if op is None:
+            return InvalidMessage("body has no `op`")
+        if not isinstance(op, str) or op not in ops:
+            return InvalidMessage(f"unknown op {op!r}: a {what} is one of {sorted(ops)}")
+        return InvalidRequest(text)
+
+
+def _json_codec() -> Codec:
+    return Codec(
+        content_type=JSON,
+        name="JSON",
+        writes=msgspec.json.Decoder(WriteCommand),
+        reads=msgspec.json.Decoder(ReadRequest),
+        replies=msgspec.json.Decoder(Reply),
+        untyped=msgspec.json.Decoder(),
+        encoder=msgspec.json.Encoder(),
+    )
+
+
+def _msgpack_codec() -> Codec:
+    return Codec(
+        content_type=MSGPACK,
+        name="MessagePack",
+        writes=msgspec.msgpack.Decoder(WriteCommand),
+        reads=msgspec.msgpack.Decoder(ReadRequest),
+        replies=msgspec.msgpack.Decoder(Reply),
+        untyped=msgspec.msgpack.Decoder(),
+        encoder=msgspec.msgpack.Encoder(),
+    )
+
+
+_CODECS: Final = {JSON: _json_codec(), MSGPACK: _msgpack_codec()}
+
+
+def codec_for(content_type: str | None) -> Codec:
+    """The codec for an AMQP ``content_type``; absent means JSON, parameters are ignored."""
+    base = (content_type or "").split(";", 1)[0].strip().lower()
+    try:
+        return _CODECS[_CONTENT_TYPES[base]]
+    except KeyError:
+        raise InvalidMessage(
+            f"unsupported content_type {content_type!r}: use {JSON} or {MSGPACK}"
+        ) from None

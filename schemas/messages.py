@@ -1,0 +1,253 @@
+"""The wire contract (protocol §1 and §3) as msgspec structs.
+
+Decoding into these types *is* the first validation: every field's type, every length and
+character rule a schema can state lives here, so the exported JSON Schema carries it to
+other languages. Rules a type cannot express (scope_id versus scope_kind, UUIDv7 time
+windows, what a value may contain) live in ``worker.validate``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from schemas.errors import ErrorCode
+
+SCOPE_KINDS: Final = (
+    "instance",
+    "company",
+    "project",
+    "project_workspace",
+    "agent",
+    "issue",
+    "goal",
+    "run",
+)
+
+ScopeKind = Literal[
+    "instance", "company", "project", "project_workspace", "agent", "issue", "goal", "run"
+]
+
+MAX_NAME_LENGTH: Final = 500
+MAX_BATCH_OPS: Final = 1000
+MAX_LIST_LIMIT: Final = 1000
+MAX_GET_MANY_ENTRIES: Final = 1000
+DEFAULT_NAMESPACE: Final = "default"
+RESERVED_NAMES: Final = frozenset({"__proto__", "prototype", "constructor"})
+
+# Not empty or all whitespace, not a reserved word, no NUL. Written as one regular expression
+# that ECMAScript and Python read alike, so the exported JSON Schema enforces it too.
+NAME_PATTERN: Final = r"^(?!\s*$)(?!(?:__proto__|prototype|constructor)$)[^\x00]*$"
+
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=NAME_PATTERN,
+        description="1 to 500 characters, not all whitespace, no NUL, "
+        "not __proto__, prototype or constructor",
+    ),
+]
+KeyPrefix = Annotated[
+    str, Meta(max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00]*$", description="a key prefix")
+]
+WriteId = Annotated[
+    uuid.UUID,
+    Meta(description="UUIDv7 made by the publisher: idempotency key and version of the write"),
+]
+JsonValue = Annotated[Any, Meta(description="any JSON value, null included")]
+
+
+class _Wire(Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
+    """Common settings: fields by keyword, unknown fields ignored for forward compatibility."""
+
+
+# ---------------------------------------------------------------------------- writes
+
+
+class SetCommand(_Wire, tag="set", tag_field="op", kw_only=True):
+    """Store ``value`` at the entry, if ``id`` is newer than what the entry has seen."""
+
+    id: WriteId
+    plugin_id: uuid.UUID
+    scope_kind: ScopeKind
+    scope_id: Name | None = None
+    namespace: Name = DEFAULT_NAMESPACE
+    key: Name
+    value: JsonValue
+
+
+class DeleteCommand(_Wire, tag="delete", tag_field="op", kw_only=True):
+    """Remove the entry, leaving a tombstone at version ``id``."""
+
+    id: WriteId
+    plugin_id: uuid.UUID
+    scope_kind: ScopeKind
+    scope_id: Name | None = None
+    namespace: Name = DEFAULT_NAMESPACE
+    key: Name
+
+
+class BatchSet(_Wire, tag="set", tag_field="op", kw_only=True):
+    """A ``set`` inside a batch: the batch gives its ``id`` and ``plugin_id``."""
+
+    scope_kind: ScopeKind
+    scope_id: Name | None = None
+    namespace: Name = DEFAULT_NAMESPACE
+    key: Name
+    value: JsonValue
+
+
+class BatchDelete(_Wire, tag="delete", tag_field="op", kw_only=True):
+    """A ``delete`` inside a batch: the batch gives its ``id`` and ``plugin_id``."""
+
+    scope_kind: ScopeKind
+    scope_id: Name | None = None
+    namespace: Name = DEFAULT_NAMESPACE
+    key: Name
+
+
+class BatchCommand(_Wire, tag="batch", tag_field="op", kw_only=True):
+    """Several sets and deletes of one plugin, applied all or nothing at version ``id``."""
+
+    id: WriteId
+    plugin_id: uuid.UUID
+    ops: Annotated[list[BatchSet | BatchDelete], Meta(min_length=1, max_length=MAX_BATCH_OPS)]
+
+
+WriteCommand = SetCommand | DeleteCommand | BatchCommand
+WRITE_OPS: Final = frozenset({"set", "delete", "batch"})
+
+# ----------------------------------------------------------------------------- reads
+
+
+class EntryRef(_Wire, kw_only=True):
+    """One entry named by its scope key, as in ``get_many``."""
+
+    scope_kind: ScopeKind
+    scope_id: Name | None = None
+    namespace: Name = DEFAULT_NAMESPACE
+    key: Name
+    after: uuid.UUID | None = None
+
+
+class GetRequest(_Wire, tag="get", tag_field="op", kw_only=True):
+    """Read one entry; with ``after``, wait until that write (or a later one) is applied."""
+
+    plugin_id: uuid.UUID
+    scope_kind: ScopeKind
+    scope_id: Name | None = None
+    namespace: Name = DEFAULT_NAMESPACE
+    key: Name
+    after: uuid.UUID | None = None
+
+
+class GetManyRequest(_Wire, tag="get_many", tag_field="op", kw_only=True):
+    """Read several entries; the reply lists one value per entry, in order."""
+
+    plugin_id: uuid.UUID
+    entries: Annotated[list[EntryRef], Meta(max_length=MAX_GET_MANY_ENTRIES)]
+
+
+class ListRequest(_Wire, tag="list", tag_field="op", kw_only=True):
+    """Page through a plugin's entries in (scope_kind, scope_id, namespace, key) order."""
+
+    plugin_id: uuid.UUID
+    scope_kind: ScopeKind | None = None
+    scope_id: Name | None = None
+    namespace: Name | None = None
+    prefix: KeyPrefix = ""
+    limit: Annotated[int, Meta(ge=1, le=MAX_LIST_LIMIT)] = 100
+    cursor: str | None = None
+
+
+ReadRequest = GetRequest | GetManyRequest | ListRequest
+READ_OPS: Final = frozenset({"get", "get_many", "list"})
+
+# --------------------------------------------------------------------------- replies
+
+
+class _Reply(Struct, kw_only=True, omit_defaults=True, tag_field="type"):
+    """Replies leave out what they do not have (``found: false`` carries no value)."""
+
+
+class ValueReply(_Reply, tag="value", kw_only=True):
+    """One entry's value; ``found`` tells a missing entry from a stored ``null``."""
+
+    found: bool
+    value: JsonValue | UnsetType = UNSET
+    version: uuid.UUID | UnsetType = UNSET
+    updated_at: datetime | UnsetType = UNSET
+
+
+class ValuesReply(_Reply, tag="values", kw_only=True):
+    """The answer to ``get_many``: one value reply per requested entry, in order."""
+
+    items: list[ValueReply]
+
+
+class PageItem(Struct, kw_only=True):
+    """One entry of a ``list`` page."""
+
+    scope_kind: ScopeKind
+    scope_id: str | None
+    namespace: str
+    key: str
+    value: JsonValue
+    version: uuid.UUID
+    updated_at: datetime
+
+
+class PageReply(_Reply, tag="page", kw_only=True):
+    """One page of ``list``; ``next_cursor`` is null on the last page."""
+
+    items: list[PageItem]
+    # Required (no default) so that a null cursor is still sent: omit_defaults would drop it.
+    next_cursor: str | None
+
+
+class AppliedReply(_Reply, tag="applied", kw_only=True):
+    """Sent after commit to a write that carried ``reply_to``."""
+
+    id: uuid.UUID
+    outcome: Literal["applied", "superseded"]
+
+
+class ErrorReply(_Reply, tag="error", kw_only=True):
+    """Any failure, with a code from protocol §4."""
+
+    code: ErrorCode
+    message: str
+
+
+Reply = ValueReply | ValuesReply | PageReply | AppliedReply | ErrorReply
+
+__all__ = [
+    "MAX_BATCH_OPS",
+    "MAX_LIST_LIMIT",
+    "READ_OPS",
+    "SCOPE_KINDS",
+    "WRITE_OPS",
+    "AppliedReply",
+    "BatchCommand",
+    "BatchDelete",
+    "BatchSet",
+    "DeleteCommand",
+    "EntryRef",
+    "ErrorReply",
+    "GetManyRequest",
+    "GetRequest",
+    "ListRequest",
+    "PageItem",
+    "PageReply",
+    "ReadRequest",
+    "Reply",
+    "SetCommand",
+    "ValueReply",
+    "ValuesReply",
+    "WriteCommand",
+]

@@ -1,0 +1,130 @@
+"""The worker process: start, serve, drain, stop, in that order, each a readable step.
+
+``start`` connects to Postgres and RabbitMQ (waiting for them with back-off), declares the
+topology and subscribes. ``serve`` runs the consumer and the housekeeping until asked to
+stop, then drains: no more deliveries, everything held is committed and acked. ``stop``
+closes the connections. SIGTERM and SIGINT trigger the stop (see ``worker.cli``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from worker.applier import Applier
+from worker.config import Settings
+from worker.consumer import BROKER_FAILURES, CommandConsumer
+from worker.metrics import Metrics
+from worker.publish import Publisher
+from worker.retention import run_retention
+from worker.store import DATABASE_FAILURES, Store, create_pool
+from worker.topology import Names, Topology, declare
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class Worker:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+        self.store: Store | None = None
+        self.connection: AbstractRobustConnection | None = None
+        self.topology: Topology | None = None
+        self.consumer: CommandConsumer | None = None
+
+    @property
+    def connection_name(self) -> str:
+        return f"plugin-state-worker {socket.gethostname()}:{os.getpid()}"
+
+    async def start(self) -> None:
+        settings = self.settings
+        log.info("worker_starting", **settings.redacted())
+        pool = await self._until_up(
+            "postgres",
+            lambda: create_pool(
+                settings.database_url, settings.db_pool_size, settings.db_command_timeout_seconds
+            ),
+        )
+        self.store = Store(pool)
+        self.connection = await self._until_up(
+            "rabbitmq",
+            lambda: aio_pika.connect_robust(
+                settings.amqp_url, client_properties={"connection_name": self.connection_name}
+            ),
+        )
+        consume_channel = await self.connection.channel()
+        await consume_channel.set_qos(prefetch_count=settings.effective_prefetch)
+        self.topology = await declare(consume_channel, settings)
+        publish_channel = await self.connection.channel(publisher_confirms=True)
+        dead_exchange = await publish_channel.get_exchange(Names(settings.prefix).dead)
+        self.consumer = CommandConsumer(
+            settings=settings,
+            queue=self.topology.commands,
+            applier=Applier(self.store),
+            publisher=Publisher(publish_channel, dead_exchange),
+            metrics=self.metrics,
+            clock=self.clock,
+        )
+        await self.consumer.start()
+        log.info("worker_started", prefix=settings.prefix)
+
+    async def serve(self) -> None:
+        """Run until ``request_stop``, then drain; returns when everything held is settled."""
+        assert self.consumer is not None and self.store is not None
+        async with asyncio.TaskGroup() as group:
+            consuming = group.create_task(self.consumer.run(), name="commands")
+            housekeeping = group.create_task(
+                run_retention(self.store, self.settings, self.clock), name="retention"
+            )
+            await self.stopping.wait()
+            log.info("worker_draining")
+            await self.consumer.drain()
+            await consuming
+            housekeeping.cancel()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def stop(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+        if self.store is not None:
+            await self.store.close()
+        log.info("worker_stopped")
+
+    async def run(self) -> None:
+        """start, serve, stop: the whole life of a worker process."""
+        try:
+            await self.start()
+            if not self.stopping.is_set():
+                await self.serve()
+        finally:
+            await self.stop()
+
+    async def _until_up(self, what: str, connect: Callable[[], Awaitable[T]]) -> T:
+        delay = self.settings.retry_initial_seconds
+        while True:
+            try:
+                return await connect()
+            except (*DATABASE_FAILURES, *BROKER_FAILURES) as exc:
+                if self.stopping.is_set():
+                    raise
+                log.warning("waiting_for_service", service=what, error=repr(exc), retry_in=delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await self.stopping.wait()
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, self.settings.retry_max_seconds)

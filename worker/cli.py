@@ -1,0 +1,171 @@
+"""The console command ``plugin-state-worker`` (protocol §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+
+from worker import logs
+from worker.app import Worker
+from worker.config import ConfigError, Settings
+from worker.migrate import MigrationError, migrate
+from worker.store import Store, create_pool
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed: it is the faster event loop."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional at run time
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+@click.group()
+@click.option("--database-url", help="Postgres URL [PLUGIN_STATE_DATABASE_URL]")
+@click.option("--amqp-url", help="RabbitMQ URL [PLUGIN_STATE_AMQP_URL]")
+@click.option("--prefix", help="Topology name prefix [PLUGIN_STATE_PREFIX]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="[PLUGIN_STATE_LOG_FORMAT]")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="[PLUGIN_STATE_LOG_LEVEL]",
+)
+@click.pass_context
+def main(ctx: click.Context, **flags: Any) -> None:
+    """Plugin state over AMQP: apply plugins' state commands and answer their reads."""
+    try:
+        settings = Settings.from_env(**flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    logs.configure(settings.log_format, settings.log_level)
+    ctx.obj = settings
+
+
+@main.command("migrate")
+@click.pass_obj
+def migrate_command(settings: Settings) -> None:
+    """Apply migrations/ to the database (creating it if missing); safe to repeat."""
+    try:
+        applied = run_async(migrate(settings.database_url))
+    except MigrationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"applied {len(applied)} migration(s)" + "".join(f"\n  {a}" for a in applied))
+
+
+@main.command()
+@click.option("--batch-size", type=int, help="[PLUGIN_STATE_BATCH_SIZE]")
+@click.option("--batch-wait-ms", type=int, help="[PLUGIN_STATE_BATCH_WAIT_MS]")
+@click.option("--prefetch", type=int, help="[PLUGIN_STATE_PREFETCH]")
+@click.option("--migrate/--no-migrate", "run_migrations", default=False,
+              help="Apply migrations before starting.")
+@click.pass_obj
+def run(settings: Settings, run_migrations: bool, **flags: Any) -> None:
+    """Declare the topology, then consume writes and serve reads until SIGTERM/SIGINT."""
+    try:
+        settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    run_async(_run(settings, run_migrations))
+
+
+async def _run(settings: Settings, run_migrations: bool) -> None:
+    if run_migrations:
+        await migrate(settings.database_url)
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    await worker.run()
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+@main.group()
+def plugins() -> None:
+    """Register, list and remove plugins."""
+
+
+async def _with_store(settings: Settings, action: Any) -> Any:
+    store = Store(await create_pool(settings.database_url, 1, settings.db_command_timeout_seconds))
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+@plugins.command("add")
+@click.option("--key", "plugin_key", required=True, help="Unique, human-readable plugin key.")
+@click.option("--id", "plugin_id", type=click.UUID, help="Plugin id (default: a new UUID).")
+@click.option("--amqp-user", help="RabbitMQ user that acts for this plugin.")
+@click.pass_obj
+def plugins_add(
+    settings: Settings, plugin_key: str, plugin_id: uuid.UUID | None, amqp_user: str | None
+) -> None:
+    """Register a plugin; prints its id."""
+    import asyncpg  # noqa: PLC0415 - only for its exception type
+
+    try:
+        row = run_async(
+            _with_store(settings, lambda s: s.add_plugin(plugin_key, plugin_id, amqp_user))
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise click.ClickException(f"a plugin with that key, id or AMQP user exists: {exc}")
+    click.echo(str(row.id))
+
+
+@plugins.command("list")
+@click.pass_obj
+def plugins_list(settings: Settings) -> None:
+    """List plugins, one JSON object per line."""
+    rows = run_async(_with_store(settings, lambda s: s.list_plugins()))
+    for row in rows:
+        click.echo(
+            json.dumps(
+                {
+                    "id": str(row.id),
+                    "plugin_key": row.plugin_key,
+                    "amqp_user": row.amqp_user,
+                    "entries": row.entries,
+                    "created_at": row.created_at.isoformat() if row.created_at else None,
+                }
+            )
+        )
+
+
+@plugins.command("remove")
+@click.argument("plugin")
+@click.option("--purge", is_flag=True, help="Also delete the plugin's state.")
+@click.pass_obj
+def plugins_remove(settings: Settings, plugin: str, purge: bool) -> None:
+    """Remove PLUGIN (its id or key). Refuses while it has state, unless --purge."""
+
+    async def action(store: Store) -> str:
+        row = await store.find_plugin(plugin)
+        if row is None:
+            raise click.ClickException(f"no plugin {plugin!r}")
+        entries = await store.count_plugin_entries(row.id)
+        if entries and not purge:
+            raise click.ClickException(
+                f"plugin {row.plugin_key} has {entries} state entries; "
+                "use --purge to delete them with it"
+            )
+        await store.remove_plugin(row.id)
+        return f"removed plugin {row.plugin_key} ({row.id}) and {entries} entries"
+
+    click.echo(run_async(_with_store(settings, action)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Every setting of the worker: its default, its environment variable, its validation.
+
+Settings are built once at start-up (``Settings.from_env``) and passed down; nothing else
+reads the environment. Defaults point at RabbitMQ and Postgres on localhost, so the worker
+runs with no configuration at all on a machine that runs both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+ENV_PREFIX: Final = "PLUGIN_STATE_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the worker cannot run with."""
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The worker's configuration. Field docs double as the README's configuration table."""
+
+    database_url: str = "postgresql://postgres@localhost:5432/plugin_state"
+    """Postgres to store state in; `migrate` creates the database if it is missing."""
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    """RabbitMQ to consume from."""
+    prefix: str = "plugin_state"
+    """Shared prefix of every exchange and queue name."""
+    trusted_users: frozenset[str] = field(default_factory=frozenset)
+    """RabbitMQ users that may act for every plugin (comma-separated)."""
+
+    batch_size: int = 500
+    """Most write messages applied in one transaction."""
+    batch_wait_ms: int = 20
+    """Longest wait for a batch to fill once its first message arrived."""
+    prefetch: int = 0
+    """Unacked write deliveries held per worker; 0 means twice the batch size."""
+    rpc_prefetch: int = 256
+    """Unanswered read requests held per worker."""
+    value_max_bytes: int = 1024 * 1024
+    """Largest value, measured as its JSON encoding."""
+    retention_seconds: int = 7 * 24 * 3600
+    """How long tombstones are kept; older writes are rejected as `stale`."""
+    future_skew_seconds: int = 300
+    """How far in the future of the worker's clock a write's UUIDv7 time may lie."""
+    retention_interval_seconds: int = 600
+    """How often one worker removes tombstones past the retention."""
+    delivery_limit: int = 50
+    """Deliveries of one command before RabbitMQ dead-letters it (crash-loop guard)."""
+    commands_max_length: int = 1_000_000
+    """Length limit of the commands queue; past it publishers' confirms are nacked."""
+    db_pool_size: int = 4
+    """Postgres connections per worker."""
+    db_command_timeout_seconds: float = 30.0
+    """Longest a Postgres statement may take before the batch is retried."""
+    retry_initial_seconds: float = 0.2
+    """First back-off after a Postgres or broker failure."""
+    retry_max_seconds: float = 10.0
+    """Longest back-off between retries."""
+    drain_timeout_seconds: float = 30.0
+    """On SIGTERM, how long to finish held work before giving up (it is redelivered)."""
+    log_format: str = "text"
+    """`text` for people, `json` for one JSON object per line."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+
+    @property
+    def effective_prefetch(self) -> int:
+        return self.prefetch or 2 * self.batch_size
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(seconds=self.retention_seconds)
+
+    @property
+    def future_skew(self) -> timedelta:
+        return timedelta(seconds=self.future_skew_seconds)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Read ``PLUGIN_STATE_*`` variables, then apply non-None ``overrides`` (flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_changes(self, **changes: Any) -> Settings:
+        settings = replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = (
+            "batch_size",
+            "rpc_prefetch",
+            "value_max_bytes",
+            "retention_seconds",
+            "retention_interval_seconds",
+            "delivery_limit",
+            "commands_max_length",
+            "db_pool_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_env_name(name)} must be positive")
+        if self.batch_wait_ms < 0 or self.prefetch < 0 or self.future_skew_seconds < 0:
+            raise ConfigError("batch wait, prefetch and future skew cannot be negative")
+        if self.prefetch and self.prefetch < self.batch_size:
+            raise ConfigError(f"{_env_name('prefetch')} must be at least the batch size")
+        if not 0 < self.retry_initial_seconds <= self.retry_max_seconds:
+            raise ConfigError("retry back-off must satisfy 0 < initial <= max")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"{_env_name('log_format')} must be text or json")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"{_env_name('log_level')} must be debug, info, warning or error")
+        if not self.prefix or any(c in self.prefix for c in " *#"):
+            raise ConfigError(f"{_env_name('prefix')} must be non-empty, without spaces, * or #")
+        if urlsplit(self.database_url).scheme not in ("postgres", "postgresql"):
+            raise ConfigError(f"{_env_name('database_url')} must be a postgresql:// URL")
+        if urlsplit(self.amqp_url).scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"{_env_name('amqp_url')} must be an amqp:// or amqps:// URL")
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as loggable data: passwords in URLs are replaced."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_url"):
+                value = redact_url(value)
+            elif isinstance(value, frozenset):
+                value = sorted(value)
+            out[f.name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``amqp://user:secret@host/`` becomes ``amqp://user:***@host/``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _parse(name: str, type_name: object, raw: str) -> object:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "frozenset[str]":
+            return frozenset(u.strip() for u in raw.split(",") if u.strip())
+    except ValueError:
+        raise ConfigError(f"{_env_name(name)}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,292 @@
+"""The write path: deliveries in, batches applied in Postgres, then acks.
+
+Two tasks form a pipeline: ``_collect`` groups deliveries into batches (up to
+``batch_size`` messages or ``batch_wait_ms`` after the first), while ``_process`` applies
+the previous batch in one transaction and then settles it: rejects are dead-lettered (with
+confirms), callers that asked get their reply, and the whole batch is acked with one
+``multiple`` ack per channel. Nothing is acked before it is committed or dead-lettered.
+
+When Postgres fails, the consumer pauses (cancels its subscription, so no more deliveries
+arrive), keeps what it holds, retries with capped back-off, and resumes. ``drain`` stops
+consuming and finishes what is held; it is what SIGTERM calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Final
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from schemas.codec import JSON, Codec, codec_for
+from schemas.errors import Internal, StateError
+from schemas.messages import AppliedReply, ErrorReply, Reply
+from worker.applier import Applier, Result
+from worker.config import Settings
+from worker.metrics import Metrics
+from worker.model import Write
+from worker.publish import Publisher
+from worker.store import DATABASE_FAILURES
+from worker.validate import Rules, validate_write
+
+log = structlog.get_logger(__name__)
+
+BROKER_FAILURES: Final = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    TimeoutError,
+)
+
+_STOP: Final = object()
+
+
+class DrainTimeout(RuntimeError):
+    """Draining took longer than allowed; unacked messages go back to the queue."""
+
+
+class CommandConsumer:
+    """Consumes the commands queue and applies it to Postgres."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: AbstractQueue,
+        applier: Applier,
+        publisher: Publisher,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.applier = applier
+        self.publisher = publisher
+        self.metrics = metrics
+        self.clock = clock
+        self.rules = Rules.from_settings(settings)
+        self._inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._batches: asyncio.Queue[list[AbstractIncomingMessage] | None] = asyncio.Queue(1)
+        self._consumer_tag: str | None = None
+        self._draining = False
+        self._drain_deadline = float("inf")
+        self.paused = False
+        self.idle = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Subscribe to the commands queue."""
+        await self._subscribe()
+
+    async def run(self) -> None:
+        """Collect and apply batches until ``drain`` has finished everything held."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._collect(), name="collect-commands")
+            group.create_task(self._process(), name="apply-commands")
+
+    async def drain(self) -> None:
+        """Stop taking deliveries; ``run`` returns once what is held is settled."""
+        if self._draining:
+            return
+        self._draining = True
+        self._drain_deadline = time.monotonic() + self.settings.drain_timeout_seconds
+        await self._unsubscribe()
+        self._inbox.put_nowait(_STOP)
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
+
+    async def pause(self) -> None:
+        """Stop taking deliveries (held ones stay held); used when Postgres fails."""
+        if not self.paused:
+            self.paused = True
+            self.metrics.paused.set(1)
+            await self._unsubscribe()
+
+    async def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.metrics.paused.set(0)
+            if not self._draining:
+                await self._subscribe()
+
+    async def _subscribe(self) -> None:
+        if self._consumer_tag is None:
+            self._consumer_tag = await self.queue.consume(self._on_message)
+
+    async def _unsubscribe(self) -> None:
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is not None:
+            try:
+                await self.queue.cancel(tag)
+            except BROKER_FAILURES as exc:
+                # The channel is gone, and with it the subscription and its deliveries.
+                log.info("unsubscribe_failed", error=repr(exc))
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.idle.clear()
+        self._inbox.put_nowait(message)
+
+    # ------------------------------------------------------------------ batching
+
+    async def _collect(self) -> None:
+        size = self.settings.batch_size
+        wait = self.settings.batch_wait_ms / 1000
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._inbox.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = loop.time() + wait
+            while len(batch) < size:
+                try:
+                    item = self._inbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            item = await self._inbox.get()
+                    except TimeoutError:
+                        break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            await self._batches.put(batch)  # type: ignore[arg-type]
+        await self._batches.put(None)
+
+    async def _process(self) -> None:
+        while (batch := await self._batches.get()) is not None:
+            await self._handle(batch)
+            if self._inbox.empty() and self._batches.empty():
+                self.idle.set()
+
+    # ------------------------------------------------------------------ one batch
+
+    async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
+        now_ms = int(self.clock() * 1000)
+        results: list[Result] = []
+        ids: list[uuid.UUID | None] = []
+        writes: list[Write] = []
+        positions: list[int] = []
+        for position, message in enumerate(batch):
+            try:
+                codec = codec_for(message.content_type)
+                command = codec.decode_write(message.body)
+                # A JSON body without a \u0000 escape cannot hold NaN, Infinity or U+0000
+                # after decoding succeeded, so its value need not be walked.
+                scan = codec.content_type != JSON or b"\\u0000" in message.body
+                write = validate_write(command, now_ms, self.rules, scan_values=scan)
+            except StateError as exc:
+                results.append(exc)
+                ids.append(None)
+                continue
+            results.append("superseded")
+            ids.append(write.id)
+            writes.append(write)
+            positions.append(position)
+        if writes:
+            started = time.perf_counter()
+            outcomes = await self._apply_until_done(writes)
+            self.metrics.apply_seconds.observe(time.perf_counter() - started)
+            for position, outcome in zip(positions, outcomes, strict=True):
+                results[position] = outcome
+        self.metrics.batch_size.observe(len(batch))
+        await self._settle(batch, results, ids)
+
+    async def _apply_until_done(self, writes: list[Write]) -> list[Result]:
+        delay = self.settings.retry_initial_seconds
+        while True:
+            try:
+                outcomes = await self.applier.apply(writes)
+            except DATABASE_FAILURES as exc:
+                if time.monotonic() > self._drain_deadline:
+                    raise DrainTimeout("Postgres still failing at the drain deadline") from exc
+                if not self.paused:
+                    log.warning("database_failing_pausing", error=repr(exc))
+                await self.pause()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_seconds)
+                continue
+            if self.paused:
+                log.info("database_back_resuming")
+                await self.resume()
+            return outcomes
+
+    async def _settle(
+        self,
+        batch: list[AbstractIncomingMessage],
+        results: list[Result],
+        ids: list[uuid.UUID | None],
+    ) -> None:
+        sends = []
+        for message, result, write_id in zip(batch, results, ids, strict=True):
+            if isinstance(result, StateError):
+                self.metrics.count_reject(result.code)
+                log.info(
+                    "write_rejected",
+                    code=result.code,
+                    reason=result.message[:200],
+                    routing_key=message.routing_key,
+                )
+                sends.append(self.publisher.dead_letter(message, result))
+            else:
+                self.metrics.count_write(result)
+            if message.reply_to:
+                sends.append(self._reply(message, result, write_id))
+        try:
+            await asyncio.gather(*sends)
+        except BROKER_FAILURES as exc:
+            # Not acking is safe: redelivered writes are superseded duplicates, and a
+            # redelivered reject is rejected (and dead-lettered) again.
+            log.warning("settle_failed_not_acking", error=repr(exc), size=len(batch))
+            return
+        await self._ack(batch)
+
+    async def _reply(
+        self, message: AbstractIncomingMessage, result: Result, write_id: uuid.UUID | None
+    ) -> None:
+        codec = codec_for_reply(message.content_type)
+        reply: Reply
+        if isinstance(result, StateError) or write_id is None:
+            error = result if isinstance(result, StateError) else Internal("no write id")
+            reply = ErrorReply(code=error.code, message=error.message)
+        else:
+            reply = AppliedReply(id=write_id, outcome=result)
+        assert message.reply_to is not None
+        await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
+
+    async def _ack(self, batch: list[AbstractIncomingMessage]) -> None:
+        # Deliveries are settled in order, so one ack with `multiple` per channel covers
+        # the whole batch. After a reconnect a batch can span two channels; the old one's
+        # messages will be redelivered and are harmless duplicates.
+        last: dict[int, AbstractIncomingMessage] = {}
+        for message in batch:
+            channel_id = id(message.channel)
+            held = last.get(channel_id)
+            if held is None or (message.delivery_tag or 0) > (held.delivery_tag or 0):
+                last[channel_id] = message
+        for message in last.values():
+            try:
+                await message.ack(multiple=True)
+            except (*BROKER_FAILURES, aio_pika.exceptions.ChannelInvalidStateError) as exc:
+                log.info("ack_lost_with_channel", error=repr(exc))
+
+
+def codec_for_reply(content_type: str | None) -> Codec:
+    """Replies use the request's encoding; an unusable content type gets a JSON reply."""
+    try:
+        return codec_for(content_type)
+    except StateError:
+        return codec_for(JSON)

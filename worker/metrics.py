@@ -1,0 +1,54 @@
+"""The worker's Prometheus metrics, in a registry of its own per worker instance.
+
+A registry per instance (not the process-global one) lets tests run several workers in one
+process and read each one's counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.writes = Counter(
+            "plugin_state_writes",
+            "Write commands by outcome: applied, superseded or rejected",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.rejects = Counter(
+            "plugin_state_rejects",
+            "Rejected messages by error code",
+            ["code"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "plugin_state_batch_size",
+            "Write messages per applied batch",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+            registry=self.registry,
+        )
+        self.apply_seconds = Histogram(
+            "plugin_state_apply_seconds",
+            "Time to apply one batch in Postgres",
+            registry=self.registry,
+        )
+        self.paused = Gauge(
+            "plugin_state_consumer_paused",
+            "1 while the write consumer is paused because Postgres is failing",
+            registry=self.registry,
+        )
+
+    def count_write(self, outcome: str) -> None:
+        self.writes.labels(outcome=outcome).inc()
+
+    def count_reject(self, code: str) -> None:
+        self.writes.labels(outcome="rejected").inc()
+        self.rejects.labels(code=code).inc()
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 when never set): for tests and the CLI."""
+        sample = self.registry.get_sample_value(name, labels)
+        return 0.0 if sample is None else sample

@@ -1,0 +1,68 @@
+"""What the worker sends: replies to callers and rejected messages to the dead-letter exchange.
+
+Both write path and read path publish through this one place, on a channel with publisher
+confirms, so "dead-lettered" always means "the broker has it".
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from schemas.codec import Codec
+from schemas.errors import StateError
+from schemas.messages import Reply
+
+PUBLISH_TIMEOUT: Final = 10.0
+# Long reasons (a msgspec path into a huge batch) are cut so the header stays small.
+_MAX_REASON: Final = 1000
+
+
+class Publisher:
+    def __init__(self, channel: AbstractChannel, dead_exchange: AbstractExchange) -> None:
+        self.channel = channel
+        self.dead_exchange = dead_exchange
+
+    async def reply(
+        self, reply_to: str, correlation_id: str | None, reply: Reply, codec: Codec
+    ) -> None:
+        """Send a reply to the caller's queue (direct reply-to or its own) via the default
+        exchange; a caller that has gone away just drops it."""
+        message = aio_pika.Message(
+            codec.encode(reply),
+            content_type=codec.content_type,
+            correlation_id=correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        await self.channel.default_exchange.publish(
+            message, routing_key=reply_to, timeout=PUBLISH_TIMEOUT
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, error: StateError) -> None:
+        """Republish a rejected message, body and properties intact, with its reason."""
+        headers = dict(message.headers or {})
+        headers["x-reject-code"] = error.code
+        headers["x-reject-reason"] = error.message[:_MAX_REASON]
+        headers["x-original-routing-key"] = message.routing_key or ""
+        headers["x-original-exchange"] = message.exchange or ""
+        if message.user_id:
+            # RabbitMQ would refuse our publish with another user's user_id: keep it aside.
+            headers["x-original-user-id"] = message.user_id
+        dead = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self.dead_exchange.publish(
+            dead, routing_key=message.routing_key or "", timeout=PUBLISH_TIMEOUT
+        )

@@ -1,0 +1,132 @@
+-- Every statement the worker runs, by name. `worker/store.py` loads this file and calls
+-- each one; batches travel as arrays through unnest, one round trip per statement.
+
+-- name: server_version_num
+SELECT current_setting('server_version_num')::int;
+
+-- name: known_plugins
+-- Which of these plugin ids are registered.
+SELECT id FROM plugins WHERE id = ANY($1::uuid[]);
+
+-- name: claim_versions
+-- Last-writer-wins, decided per entry in the version register. The upsert locks each
+-- entry's register row, so concurrent writers of one entry queue behind each other and
+-- then see the newest version. Rows are inserted in key order so that two batches lock
+-- their common entries in the same order and cannot deadlock. Returns the entries whose
+-- write won (the caller sends each entry at most once).
+INSERT INTO plugin_state_versions AS v
+    (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted)
+SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key, t.version, t.deleted
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::bool[])
+    AS t (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted)
+ORDER BY t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key
+ON CONFLICT ON CONSTRAINT plugin_state_versions_entry_idx DO UPDATE
+    SET version = EXCLUDED.version, deleted = EXCLUDED.deleted, changed_at = now()
+    WHERE v.version < EXCLUDED.version
+RETURNING v.plugin_id, v.scope_kind, v.scope_id, v.namespace, v.state_key;
+
+-- name: apply_values
+-- Runs after claim_versions in the same transaction, as a statement of its own so that its
+-- snapshot includes every write committed before our register locks were granted.
+-- $1..$7 are the winning sets, $8..$12 the winning deletes. Deletes are split by whether
+-- scope_id is null, because `=` never matches null and `IS NOT DISTINCT FROM` cannot use
+-- the unique index.
+WITH upserted AS (
+    INSERT INTO plugin_state AS s
+        (plugin_id, scope_kind, scope_id, namespace, state_key, value_json, version, updated_at)
+    SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key,
+           t.value_json::jsonb, t.version, now()
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::uuid[])
+        AS t (plugin_id, scope_kind, scope_id, namespace, state_key, value_json, version)
+    ON CONFLICT ON CONSTRAINT plugin_state_unique_entry_idx DO UPDATE
+        SET value_json = EXCLUDED.value_json,
+            version = EXCLUDED.version,
+            updated_at = EXCLUDED.updated_at
+    RETURNING 1
+), removed_scoped AS (
+    DELETE FROM plugin_state AS s
+    USING unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[])
+        AS d (plugin_id, scope_kind, scope_id, namespace, state_key)
+    WHERE d.scope_id IS NOT NULL
+      AND s.plugin_id = d.plugin_id AND s.scope_kind = d.scope_kind
+      AND s.scope_id = d.scope_id AND s.namespace = d.namespace
+      AND s.state_key = d.state_key
+    RETURNING 1
+), removed_instance AS (
+    DELETE FROM plugin_state AS s
+    USING unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[])
+        AS d (plugin_id, scope_kind, scope_id, namespace, state_key)
+    WHERE d.scope_id IS NULL AND s.scope_id IS NULL
+      AND s.plugin_id = d.plugin_id AND s.scope_kind = d.scope_kind
+      AND s.namespace = d.namespace AND s.state_key = d.state_key
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upserted) AS upserted,
+       (SELECT count(*) FROM removed_scoped) + (SELECT count(*) FROM removed_instance)
+           AS removed;
+
+-- name: purge_tombstones
+-- Removes up to $2 tombstones whose version is older than $1. SKIP LOCKED: a tombstone a
+-- writer holds is left for the next round, so the purge never waits on (or deadlocks
+-- with) the write path.
+DELETE FROM plugin_state_versions
+WHERE ctid IN (
+    SELECT ctid FROM plugin_state_versions
+    WHERE deleted AND version < $1::uuid
+    ORDER BY version
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+AND deleted AND version < $1::uuid;
+
+-- name: try_lock
+-- A transaction-scoped advisory lock: one worker at a time runs a housekeeping job.
+SELECT pg_try_advisory_xact_lock($1::int, $2::int);
+
+-- name: add_plugin
+INSERT INTO plugins (id, plugin_key, amqp_user)
+VALUES (coalesce($1::uuid, gen_random_uuid()), $2, $3)
+RETURNING id, plugin_key, amqp_user, created_at, updated_at;
+
+-- name: list_plugins
+SELECT p.id, p.plugin_key, p.amqp_user, p.created_at, p.updated_at,
+       (SELECT count(*) FROM plugin_state s WHERE s.plugin_id = p.id) AS entries
+FROM plugins p
+ORDER BY p.plugin_key;
+
+-- name: find_plugin
+-- By id or by key: what an operator types.
+SELECT id, plugin_key, amqp_user FROM plugins
+WHERE plugin_key = $1 OR id::text = lower($1);
+
+-- name: count_plugin_entries
+SELECT count(*) FROM plugin_state WHERE plugin_id = $1;
+
+-- name: remove_plugin
+-- ON DELETE CASCADE removes the plugin's state and its version register.
+DELETE FROM plugins WHERE id = $1;
+
+-- name: create_migration_history
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+SELECT version, name, checksum FROM schema_migrations;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: lock
+-- A session-scoped advisory lock, for a job that spans several transactions (migrate).
+SELECT pg_advisory_lock($1::int, $2::int);
+
+-- name: unlock
+SELECT pg_advisory_unlock($1::int, $2::int);
+
+-- name: quote_ident
+SELECT quote_ident($1);

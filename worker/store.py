@@ -1,0 +1,155 @@
+"""Every SQL statement the worker runs and the asyncpg calls around them.
+
+The statements live in ``worker/sql/queries.sql``, each under a ``-- name:`` line; this
+module loads them once and gives each a typed method. Batches go to Postgres as arrays.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any, Final
+
+import asyncpg
+
+from worker.model import EntryKey, EntryWrite
+
+APPLICATION_NAME: Final = "plugin-state-worker"
+
+# Advisory lock keys (two-int form, so they never collide with other lock users' bigint
+# keys): class 0x5053 ("PS"), one object id per job.
+LOCK_CLASS: Final = 0x5053
+MIGRATE_LOCK: Final = 1
+RETENTION_LOCK: Final = 2
+
+# Failures that are not the data's fault (Postgres down, restarting, a cut connection, a
+# timeout): callers keep their work and retry. Data faults are handled in the applier first.
+DATABASE_FAILURES: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files("worker").joinpath("sql/queries.sql").read_text()
+    queries: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = block.partition("\n")
+        queries[name.strip()] = body.strip()
+    return queries
+
+
+QUERIES: Final = _load_queries()
+
+
+@dataclass(frozen=True, slots=True)
+class PluginRow:
+    id: uuid.UUID
+    plugin_key: str
+    amqp_user: str | None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    entries: int = 0
+
+
+async def create_pool(database_url: str, size: int, command_timeout: float) -> asyncpg.Pool:
+    """A pool whose backends name themselves, so operators (and fault tests) can find them."""
+    pool = await asyncpg.create_pool(
+        database_url,
+        min_size=1,
+        max_size=size,
+        command_timeout=command_timeout,
+        server_settings={"application_name": APPLICATION_NAME},
+    )
+    assert pool is not None  # asyncpg types the pool as optional only for the un-awaited form
+    return pool
+
+
+def _key_columns(entries: Sequence[EntryWrite]) -> tuple[list[Any], ...]:
+    return (
+        [e.entry.plugin_id for e in entries],
+        [e.entry.scope_kind for e in entries],
+        [e.entry.scope_id for e in entries],
+        [e.entry.namespace for e in entries],
+        [e.entry.key for e in entries],
+    )
+
+
+class Store:
+    """The worker's view of Postgres."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def known_plugins(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        rows = await self.pool.fetch(QUERIES["known_plugins"], list(ids))
+        return {row["id"] for row in rows}
+
+    async def apply_entries(self, entries: Sequence[EntryWrite]) -> set[EntryKey]:
+        """Apply entry writes (each entry at most once) in one transaction.
+
+        Returns the entries whose write won; the others were superseded by a newer
+        version already stored (or by an equal one: a duplicate).
+        """
+        if not entries:
+            return set()
+        async with self.pool.acquire() as conn, conn.transaction():
+            won_rows = await conn.fetch(
+                QUERIES["claim_versions"],
+                *_key_columns(entries),
+                [e.version for e in entries],
+                [e.is_delete for e in entries],
+            )
+            won = {EntryKey(*row) for row in won_rows}
+            sets = [e for e in entries if e.entry in won and not e.is_delete]
+            deletes = [e for e in entries if e.entry in won and e.is_delete]
+            if sets or deletes:
+                await conn.execute(
+                    QUERIES["apply_values"],
+                    *_key_columns(sets),
+                    [e.value_json for e in sets],
+                    [e.version for e in sets],
+                    *_key_columns(deletes),
+                )
+        return won
+
+    async def purge_tombstones(self, older_than: uuid.UUID, limit: int) -> int | None:
+        """Remove up to ``limit`` tombstones older than the version ``older_than``.
+
+        Returns how many went, or None when another worker holds the job's lock.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(QUERIES["try_lock"], LOCK_CLASS, RETENTION_LOCK):
+                return None
+            status = await conn.execute(QUERIES["purge_tombstones"], older_than, limit)
+        return int(status.split()[-1])
+
+    async def add_plugin(
+        self, plugin_key: str, plugin_id: uuid.UUID | None, amqp_user: str | None
+    ) -> PluginRow:
+        row = await self.pool.fetchrow(QUERIES["add_plugin"], plugin_id, plugin_key, amqp_user)
+        assert row is not None
+        return PluginRow(**dict(row))
+
+    async def list_plugins(self) -> list[PluginRow]:
+        return [PluginRow(**dict(row)) for row in await self.pool.fetch(QUERIES["list_plugins"])]
+
+    async def find_plugin(self, id_or_key: str) -> PluginRow | None:
+        row = await self.pool.fetchrow(QUERIES["find_plugin"], id_or_key)
+        return None if row is None else PluginRow(**dict(row))
+
+    async def count_plugin_entries(self, plugin_id: uuid.UUID) -> int:
+        count = await self.pool.fetchval(QUERIES["count_plugin_entries"], plugin_id)
+        return int(count)
+
+    async def remove_plugin(self, plugin_id: uuid.UUID) -> None:
+        await self.pool.execute(QUERIES["remove_plugin"], plugin_id)

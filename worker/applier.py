@@ -52,9 +52,14 @@ def plan(writes: Sequence[Write], indices: Sequence[int]) -> _Plan:
             current = best.get(entry_write.entry)
             # A later op of the same batch (same id) replaces an earlier one; an equal id
             # from another message is a redelivered duplicate and changes nothing.
-            if current is None or entry_write.version > current[0] or (
-                entry_write.version == current[0] and current[3] == index
-                and position > current[1]
+            if (
+                current is None
+                or entry_write.version > current[0]
+                or (
+                    entry_write.version == current[0]
+                    and current[3] == index
+                    and position > current[1]
+                )
             ):
                 best[entry_write.entry] = (entry_write.version, position, entry_write, index)
     return _Plan(
@@ -66,7 +71,9 @@ def plan(writes: Sequence[Write], indices: Sequence[int]) -> _Plan:
 def _classify(exc: Exception, write: Write) -> StateError:
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         return UnknownPlugin(f"plugin {write.plugin_id} is not registered")
-    if isinstance(exc, asyncpg.UntranslatableCharacterError | asyncpg.CharacterNotInRepertoireError):
+    if isinstance(
+        exc, asyncpg.UntranslatableCharacterError | asyncpg.CharacterNotInRepertoireError
+    ):
         return UnsupportedValue(f"Postgres cannot store the value: {exc}")
     return Internal(f"Postgres refused the write ({exc.sqlstate}): {exc}")  # type: ignore[attr-defined]
 

@@ -42,7 +42,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     help="[PLUGIN_STATE_LOG_LEVEL]",
 )
 @click.pass_context
-def main(ctx: click.Context, **flags: Any) -> None:
+def main(ctx: click.Context, /, **flags: Any) -> None:
     """Plugin state over AMQP: apply plugins' state commands and answer their reads."""
     try:
         settings = Settings.from_env(**flags)
@@ -67,10 +67,14 @@ def migrate_command(settings: Settings) -> None:
 @click.option("--batch-size", type=int, help="[PLUGIN_STATE_BATCH_SIZE]")
 @click.option("--batch-wait-ms", type=int, help="[PLUGIN_STATE_BATCH_WAIT_MS]")
 @click.option("--prefetch", type=int, help="[PLUGIN_STATE_PREFETCH]")
-@click.option("--migrate/--no-migrate", "run_migrations", default=False,
-              help="Apply migrations before starting.")
+@click.option(
+    "--migrate/--no-migrate",
+    "run_migrations",
+    default=False,
+    help="Apply migrations before starting.",
+)
 @click.pass_obj
-def run(settings: Settings, run_migrations: bool, **flags: Any) -> None:
+def run(settings: Settings, /, run_migrations: bool, **flags: Any) -> None:
     """Declare the topology, then consume writes and serve reads until SIGTERM/SIGINT."""
     try:
         settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
@@ -121,7 +125,9 @@ def plugins_add(
             _with_store(settings, lambda s: s.add_plugin(plugin_key, plugin_id, amqp_user))
         )
     except asyncpg.UniqueViolationError as exc:
-        raise click.ClickException(f"a plugin with that key, id or AMQP user exists: {exc}")
+        raise click.ClickException(
+            f"a plugin with that key, id or AMQP user exists: {exc}"
+        ) from None
     click.echo(str(row.id))
 
 

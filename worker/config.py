@@ -86,9 +86,7 @@ class Settings:
         return timedelta(seconds=self.future_skew_seconds)
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read ``PLUGIN_STATE_*`` variables, then apply non-None ``overrides`` (flags)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

@@ -25,6 +25,7 @@ MIN_SERVER_VERSION: Final = 150000
 
 _FILE_NAME: Final = re.compile(r"^(\d+)_([\w-]+)\.sql$")
 
+
 class MigrationError(RuntimeError):
     """The database cannot be brought to the schema this worker needs."""
 
@@ -105,10 +106,7 @@ async def migrate(database_url: str, *, create_database: bool = True) -> list[st
 
 async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
     await conn.execute(QUERIES["create_migration_history"])
-    applied = {
-        row["version"]: row
-        for row in await conn.fetch(QUERIES["applied_migrations"])
-    }
+    applied = {row["version"]: row for row in await conn.fetch(QUERIES["applied_migrations"])}
     known = {m.version for m in migrations}
     unknown = sorted(set(applied) - known)
     if unknown:

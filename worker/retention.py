@@ -44,7 +44,7 @@ async def run_retention(
     """Purge every ``retention_interval_seconds`` (with jitter, so workers spread out)."""
     interval = settings.retention_interval_seconds
     while True:
-        await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311 - not crypto
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))
         try:
             removed = await purge_once(store, settings, clock())
         except DATABASE_FAILURES as exc:

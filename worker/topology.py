@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
 
 from worker.config import Settings
 
@@ -48,7 +49,7 @@ class Names:
         return f"rpc.{plugin_id}"
 
 
-def commands_queue_arguments(settings: Settings) -> dict[str, object]:
+def commands_queue_arguments(settings: Settings) -> FieldTable:
     names = Names(settings.prefix)
     return {
         "x-queue-type": "quorum",

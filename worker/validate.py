@@ -112,9 +112,7 @@ def _check_storable(value: Any) -> None:
                     raise UnsupportedValue("value has an object key containing U+0000")
                 stack.append(inner)
         else:
-            raise UnsupportedValue(
-                f"value contains {type(item).__name__} data, which is not JSON"
-            )
+            raise UnsupportedValue(f"value contains {type(item).__name__} data, which is not JSON")
 
 
 def validate_write(
@@ -150,4 +148,3 @@ def validate_write(
         )
         entries.append(EntryWrite(key, version, value_json))
     return Write(id=version, plugin_id=plugin_id, entries=tuple(entries))
-

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import asyncpg
 import click
 
 from worker import logs
@@ -102,7 +103,13 @@ def plugins() -> None:
 
 
 async def _with_store(settings: Settings, action: Any) -> Any:
-    store = Store(await create_pool(settings.database_url, 1, settings.db_command_timeout_seconds))
+    try:
+        pool = await create_pool(settings.database_url, 1, settings.db_command_timeout_seconds)
+    except asyncpg.InvalidCatalogNameError:
+        raise click.ClickException(
+            "the database does not exist yet: run `plugin-state-worker migrate` first"
+        ) from None
+    store = Store(pool)
     try:
         return await action(store)
     finally:
@@ -118,8 +125,6 @@ def plugins_add(
     settings: Settings, plugin_key: str, plugin_id: uuid.UUID | None, amqp_user: str | None
 ) -> None:
     """Register a plugin; prints its id."""
-    import asyncpg  # noqa: PLC0415 - only for its exception type
-
     try:
         row = run_async(
             _with_store(settings, lambda s: s.add_plugin(plugin_key, plugin_id, amqp_user))
@@ -161,14 +166,15 @@ def plugins_remove(settings: Settings, plugin: str, purge: bool) -> None:
         row = await store.find_plugin(plugin)
         if row is None:
             raise click.ClickException(f"no plugin {plugin!r}")
-        entries = await store.count_plugin_entries(row.id)
-        if entries and not purge:
+        try:
+            removed = await store.remove_plugin(row.id, purge=purge)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+        if removed is None:
             raise click.ClickException(
-                f"plugin {row.plugin_key} has {entries} state entries; "
-                "use --purge to delete them with it"
+                f"plugin {row.plugin_key} has state entries; use --purge to delete them with it"
             )
-        await store.remove_plugin(row.id)
-        return f"removed plugin {row.plugin_key} ({row.id}) and {entries} entries"
+        return f"removed plugin {row.plugin_key} ({row.id}) and {removed} entries"
 
     click.echo(run_async(_with_store(settings, action)))
 

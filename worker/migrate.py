@@ -59,6 +59,18 @@ def load_migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def check_server_version(server_version_num: int) -> None:
+    """Refuse a server older than PostgreSQL 15 (``server_version_num``, e.g. 150004)."""
+    if server_version_num >= MIN_SERVER_VERSION:
+        return
+    major, rest = divmod(server_version_num, 10000)
+    found = f"{major}.{rest}" if major >= 10 else f"{major}.{rest // 100}.{rest % 100}"
+    raise MigrationError(
+        f"PostgreSQL 15 or newer is required (this server is {found}): "
+        "plugin_state's unique constraint uses NULLS NOT DISTINCT"
+    )
+
+
 async def _connect(database_url: str, create_database: bool) -> asyncpg.Connection:
     settings = {"application_name": f"{APPLICATION_NAME} migrate"}
     try:
@@ -76,8 +88,10 @@ async def _connect(database_url: str, create_database: bool) -> asyncpg.Connecti
         quoted = await admin.fetchval(QUERIES["quote_ident"], name)
         await admin.execute(f"CREATE DATABASE {quoted}")
         log.info("database_created", database=name)
-    except asyncpg.DuplicateDatabaseError:
-        pass  # another migrate process created it first
+    except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+        # Another migrate process created it first. Postgres reports a concurrent create of
+        # the same name as a unique violation on pg_database rather than a duplicate.
+        pass
     finally:
         await admin.close()
     return await asyncpg.connect(database_url, server_settings=settings)
@@ -88,13 +102,7 @@ async def migrate(database_url: str, *, create_database: bool = True) -> list[st
     migrations = load_migrations()
     conn = await _connect(database_url, create_database)
     try:
-        server_version = await conn.fetchval(QUERIES["server_version_num"])
-        if server_version < MIN_SERVER_VERSION:
-            raise MigrationError(
-                f"PostgreSQL 15 or newer is required (this server is "
-                f"{conn.get_server_version().major}.{conn.get_server_version().minor}): "
-                "plugin_state's unique constraint uses NULLS NOT DISTINCT"
-            )
+        check_server_version(await conn.fetchval(QUERIES["server_version_num"]))
         await conn.execute(QUERIES["lock"], LOCK_CLASS, MIGRATE_LOCK)
         try:
             return await _apply_pending(conn, migrations)

@@ -28,9 +28,12 @@ RETENTION_LOCK: Final = 2
 
 # Failures that are not the data's fault (Postgres down, restarting, a cut connection, a
 # timeout): callers keep their work and retry. Data faults are handled in the applier first.
+# InternalClientError is what asyncpg raises when a backend is killed in the middle of its
+# type introspection; the connection is discarded and a retry gets a new one.
 DATABASE_FAILURES: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -144,12 +147,24 @@ class Store:
         return [PluginRow(**dict(row)) for row in await self.pool.fetch(QUERIES["list_plugins"])]
 
     async def find_plugin(self, id_or_key: str) -> PluginRow | None:
-        row = await self.pool.fetchrow(QUERIES["find_plugin"], id_or_key)
+        try:
+            as_id: uuid.UUID | None = uuid.UUID(id_or_key)
+        except ValueError:
+            as_id = None
+        row = await self.pool.fetchrow(QUERIES["find_plugin"], id_or_key, as_id)
         return None if row is None else PluginRow(**dict(row))
 
-    async def count_plugin_entries(self, plugin_id: uuid.UUID) -> int:
-        count = await self.pool.fetchval(QUERIES["count_plugin_entries"], plugin_id)
-        return int(count)
+    async def remove_plugin(self, plugin_id: uuid.UUID, *, purge: bool) -> int | None:
+        """Remove a plugin; its state goes with it through the cascade.
 
-    async def remove_plugin(self, plugin_id: uuid.UUID) -> None:
-        await self.pool.execute(QUERIES["remove_plugin"], plugin_id)
+        Without ``purge``, a plugin that has state is kept. Returns the number of entries
+        removed with it, or None when it was kept; LookupError when it is gone already.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(QUERIES["lock_plugin"], plugin_id) is None:
+                raise LookupError(f"plugin {plugin_id} no longer exists")
+            entries = int(await conn.fetchval(QUERIES["count_plugin_entries"], plugin_id))
+            if entries and not purge:
+                return None
+            await conn.execute(QUERIES["remove_plugin"], plugin_id)
+        return entries

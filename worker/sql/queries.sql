@@ -96,9 +96,16 @@ FROM plugins p
 ORDER BY p.plugin_key;
 
 -- name: find_plugin
--- By id or by key: what an operator types.
+-- By id ($2, when what the operator typed is a UUID) or by key ($1); an id match wins
+-- over a key that happens to spell another plugin's id.
 SELECT id, plugin_key, amqp_user FROM plugins
-WHERE plugin_key = $1 OR id::text = lower($1);
+WHERE plugin_key = $1 OR id = $2::uuid
+ORDER BY id = $2::uuid DESC NULLS LAST
+LIMIT 1;
+
+-- name: lock_plugin
+-- Held until the removal commits, so no write can add state between count and delete.
+SELECT id FROM plugins WHERE id = $1 FOR UPDATE;
 
 -- name: count_plugin_entries
 SELECT count(*) FROM plugin_state WHERE plugin_id = $1;

@@ -1,0 +1,194 @@
+"""Faults cut only what the test owns: a TCP proxy of its own between worker and Postgres,
+the worker's own Postgres backends, the worker's own process. Nothing is lost, nothing is
+dead-lettered for a failure that is not the message's fault."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import pytest
+
+from worker.config import Settings
+from worker.store import APPLICATION_NAME
+from worker.topology import Names, declare
+
+from .conftest import StartWorker
+from .helpers import queue_messages, wait_until
+from .proxy import TcpProxy
+from .streams import Stream
+
+
+def through(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
+
+
+@pytest.fixture
+async def pg_proxy(settings: Settings) -> AsyncIterator[TcpProxy]:
+    target = urlsplit(settings.database_url)
+    async with TcpProxy(target.hostname or "localhost", target.port or 5432) as proxy:
+        yield proxy
+
+
+async def dead_letters(amqp: aio_pika.abc.AbstractChannel, prefix: str) -> int:
+    queue = await amqp.declare_queue(Names(prefix).dead, passive=True)
+    return queue.declaration_result.message_count or 0
+
+
+async def test_postgres_outage_pauses_then_resumes_without_loss(
+    start_worker: StartWorker,
+    pg_proxy: TcpProxy,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    stream = Stream(plugin_id, count=2000)
+    worker = await start_worker(database_url=through(settings.database_url, pg_proxy.port))
+    await stream.publish(amqp, prefix, stop=1000)
+
+    async def some_applied() -> bool:
+        return bool(
+            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
+        )
+
+    await wait_until(some_applied, what="the first writes")
+    pg_proxy.cut()
+    await stream.publish(amqp, prefix, start=1000)
+
+    async def paused() -> bool:
+        return worker.metrics.value("plugin_state_consumer_paused") == 1
+
+    await wait_until(paused, what="the consumer to pause")
+    assert await dead_letters(amqp, prefix) == 0
+    print("outage: consumer paused, nothing dead-lettered")
+
+    pg_proxy.restore()
+    await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
+    await wait_until(
+        lambda: asyncio.sleep(0, not worker.metrics.value("plugin_state_consumer_paused")),
+        what="the consumer to resume",
+    )
+    assert await dead_letters(amqp, prefix) == 0
+    assert worker.metrics.value("plugin_state_writes_total", outcome="rejected") == 0
+
+
+async def test_terminated_backends_lose_nothing(
+    start_worker: StartWorker,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    stream = Stream(plugin_id, count=3000, seed=1)
+    await start_worker()
+    publishing = asyncio.create_task(stream.publish(amqp, prefix))
+    terminated = 0
+    while not publishing.done() or terminated == 0:
+        terminated += await db.fetchval(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = $1) t",
+            APPLICATION_NAME,
+        )
+        await asyncio.sleep(0.05)
+    await publishing
+    print(f"terminated {terminated} worker backends while publishing")
+    assert terminated > 0
+    await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
+    assert await dead_letters(amqp, prefix) == 0
+
+
+def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PLUGIN_STATE_DATABASE_URL": settings.database_url,
+        "PLUGIN_STATE_AMQP_URL": settings.amqp_url,
+        "PLUGIN_STATE_PREFIX": settings.prefix,
+        "PLUGIN_STATE_BATCH_SIZE": "100",
+        "PLUGIN_STATE_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env)
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    async def exited() -> bool:
+        return process.poll() is not None
+
+    await wait_until(exited, timeout=timeout, what="the worker process to exit")
+    assert process.returncode is not None
+    return process.returncode
+
+
+async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    await declare(amqp, settings)
+    stream = Stream(plugin_id, count=4000, seed=2)
+    await stream.publish(amqp, prefix)
+    first = spawn_worker(settings)
+
+    async def some_applied() -> bool:
+        return bool(
+            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
+        )
+
+    try:
+        await wait_until(some_applied, what="the worker to apply writes")
+    finally:
+        first.send_signal(signal.SIGKILL)
+    assert await wait_exit(first) == -signal.SIGKILL
+    applied_at_kill = await db.fetchval(
+        "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1", plugin_id
+    )
+    print(f"killed with {applied_at_kill} entries written")
+
+    second = spawn_worker(settings)
+    try:
+        await wait_until(lambda: stream.matches(db), timeout=90, what="the final state")
+    finally:
+        second.send_signal(signal.SIGTERM)
+    assert await wait_exit(second) == 0
+    assert await dead_letters(amqp, prefix) == 0
+
+
+async def test_sigterm_drains_what_it_holds_and_exits_zero(
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    await declare(amqp, settings)
+    stream = Stream(plugin_id, count=3000, seed=3)
+    await stream.publish(amqp, prefix)
+    process = spawn_worker(settings)
+
+    async def some_applied() -> bool:
+        return bool(
+            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
+        )
+
+    await wait_until(some_applied, what="the worker to apply writes")
+    process.send_signal(signal.SIGTERM)
+    assert await wait_exit(process) == 0
+    # Everything the worker had received was committed and acked: nothing it held came
+    # back to the queue as a redelivery.
+    remaining = await queue_messages(amqp, Names(prefix).commands_queue)
+    print(f"drained; {len(remaining)} messages never delivered to the worker")
+    assert not any(m.redelivered for m in remaining)
+    assert await dead_letters(amqp, prefix) == 0

@@ -51,12 +51,16 @@ class Codec:
             return self.writes.decode(body)
         except msgspec.DecodeError as exc:
             raise self._classify(body, exc, WRITE_OPS, "write command") from None
+        except RecursionError:
+            raise _too_deep() from None
 
     def decode_read(self, body: bytes) -> ReadRequest:
         try:
             return self.reads.decode(body)
         except msgspec.DecodeError as exc:
             raise self._classify(body, exc, READ_OPS, "read request") from None
+        except RecursionError:
+            raise _too_deep() from None
 
     def decode_reply(self, body: bytes) -> Reply:
         try:
@@ -87,6 +91,12 @@ class Codec:
         if not isinstance(op, str) or op not in ops:
             return InvalidMessage(f"unknown op {op!r}: a {what} is one of {sorted(ops)}")
         return InvalidRequest(text)
+
+
+def _too_deep() -> StateError:
+    # msgspec refuses to nest deeper than the interpreter's recursion limit (about 1000
+    # levels); only a value can nest that deep in a well-formed command.
+    return UnsupportedValue("value nests too deeply (the limit is about 1000 levels)")
 
 
 def _json_codec() -> Codec:

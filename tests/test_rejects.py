@@ -1,0 +1,213 @@
+"""Bad input is dead-lettered with its code and reason; the good messages around it are
+applied, and callers that asked for a reply get one after commit."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import asyncpg
+import msgspec
+
+from schemas.codec import JSON, MSGPACK
+from worker.topology import Names
+
+from .conftest import StartWorker
+from .helpers import queue_messages, set_cmd, state_of, uuid7, wait_until
+
+DAY_MS = 86_400_000
+
+
+async def publish_labelled(
+    channel: aio_pika.abc.AbstractChannel,
+    prefix: str,
+    routing_plugin: uuid.UUID,
+    label: str,
+    body: bytes,
+    content_type: str | None = JSON,
+    reply_to: str | None = None,
+) -> None:
+    exchange = await channel.get_exchange(prefix, ensure=False)
+    await exchange.publish(
+        aio_pika.Message(
+            body,
+            content_type=content_type,
+            correlation_id=label,
+            reply_to=reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        routing_key=f"cmd.{routing_plugin}",
+    )
+
+
+def bad_inputs(plugin_id: uuid.UUID) -> list[tuple[str, bytes, str | None, str]]:
+    """(label, body, content_type, expected code)."""
+    now = int(time.time() * 1000)
+    good = set_cmd(plugin_id, "k", 1)
+
+    def js(**changes: Any) -> bytes:
+        return msgspec.json.encode({**good, "id": str(uuid7()), **changes})
+
+    def mp(**changes: Any) -> bytes:
+        return msgspec.msgpack.encode({**good, "id": str(uuid7()), **changes})
+
+    return [
+        ("garbage", b"\x00\xff not json at all", JSON, "invalid_message"),
+        ("not-object", b"[1, 2, 3]", JSON, "invalid_message"),
+        ("unknown-op", js(op="upsert"), JSON, "invalid_message"),
+        ("read-op-on-write-path", js(op="get"), JSON, "invalid_message"),
+        ("content-type", js(), "text/plain", "invalid_message"),
+        (
+            "missing-key",
+            msgspec.json.encode({k: v for k, v in good.items() if k != "key"}),
+            JSON,
+            "invalid_request",
+        ),
+        ("reserved-key", js(key="__proto__"), JSON, "invalid_request"),
+        ("not-v7", js(id=str(uuid.uuid4())), JSON, "invalid_request"),
+        ("future-id", js(id=str(uuid7(now + 3_600_000))), JSON, "invalid_request"),
+        ("stale-id", js(id=str(uuid7(now - 8 * DAY_MS))), JSON, "stale"),
+        ("nul-in-value", js(value={"a": "x\u0000y"}), JSON, "unsupported_value"),
+        ("nan-msgpack", mp(value=[float("nan")]), MSGPACK, "unsupported_value"),
+        (
+            "infinity-json",
+            js(value=None).replace(b'"value":null', b'"value":1e999'),
+            JSON,
+            "unsupported_value",
+        ),
+        ("too-large", js(value="x" * 2000), JSON, "value_too_large"),
+        ("unknown-plugin", js(plugin_id=str(uuid.uuid4())), JSON, "unknown_plugin"),
+        (
+            "invalid-batch",
+            msgspec.json.encode(
+                {
+                    "op": "batch",
+                    "id": str(uuid7()),
+                    "plugin_id": str(plugin_id),
+                    "ops": [
+                        {
+                            "op": "set",
+                            "scope_kind": "issue",
+                            "scope_id": "ISS-1",
+                            "key": "b1",
+                            "value": 1,
+                        },
+                        {
+                            "op": "set",
+                            "scope_kind": "issue",
+                            "scope_id": None,
+                            "key": "b2",
+                            "value": 2,
+                        },
+                    ],
+                }
+            ),
+            JSON,
+            "invalid_request",
+        ),
+        (
+            "empty-batch",
+            msgspec.json.encode(
+                {"op": "batch", "id": str(uuid7()), "plugin_id": str(plugin_id), "ops": []}
+            ),
+            JSON,
+            "invalid_request",
+        ),
+    ]
+
+
+async def test_each_bad_input_is_dead_lettered_with_its_code_and_the_rest_applied(
+    start_worker: StartWorker,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    # A long batch wait puts the good and the bad messages into the same batches.
+    worker = await start_worker(value_max_bytes=1000, batch_wait_ms=200)
+    cases = bad_inputs(plugin_id)
+    expected: dict[tuple[Any, ...], Any] = {}
+    for n, (label, body, content_type, _) in enumerate(cases):
+        good = set_cmd(plugin_id, f"good{n}", {"n": n})
+        expected[("issue", "ISS-1", "default", f"good{n}")] = {"n": n}
+        await publish_labelled(amqp, prefix, plugin_id, f"good{n}", msgspec.json.encode(good))
+        await publish_labelled(amqp, prefix, plugin_id, label, body, content_type)
+    await publish_labelled(
+        amqp,
+        prefix,
+        plugin_id,
+        "good-msgpack",
+        msgspec.msgpack.encode(set_cmd(plugin_id, "mp", [1, "two", None])),
+        MSGPACK,
+    )
+    expected[("issue", "ISS-1", "default", "mp")] = [1, "two", None]
+
+    async def all_applied() -> bool:
+        return await state_of(db, plugin_id) == expected
+
+    await wait_until(all_applied, what="every good message to be applied")
+    dead_name = Names(prefix).dead
+
+    async def all_dead() -> bool:
+        queue = await amqp.declare_queue(dead_name, passive=True)
+        return queue.declaration_result.message_count == len(cases)
+
+    await wait_until(all_dead, what="every bad message to be dead-lettered")
+    dead = {m.correlation_id: m for m in await queue_messages(amqp, dead_name)}
+    for label, body, content_type, code in cases:
+        message = dead[label]
+        headers = message.headers or {}
+        assert headers["x-reject-code"] == code, (label, headers)
+        assert headers["x-reject-reason"], label
+        assert headers["x-original-routing-key"] == f"cmd.{plugin_id}"
+        assert message.body == body, "the dead letter keeps the original body"
+        assert message.content_type == content_type
+    assert worker.metrics.value("plugin_state_writes_total", outcome="rejected") == len(cases)
+    assert worker.metrics.value("plugin_state_writes_total", outcome="applied") == len(cases) + 1
+
+
+async def test_writes_with_reply_to_get_applied_superseded_or_error_after_commit(
+    start_worker: StartWorker,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    await start_worker()
+    replies = await amqp.declare_queue(exclusive=True)
+    newer, older = uuid7(), None
+    first = set_cmd(plugin_id, "k", "new", write_id=newer)
+    older_id = uuid7(int(time.time() * 1000) - 60_000)
+    older = set_cmd(plugin_id, "k", "old", write_id=older_id)
+    for label, command, content_type in [
+        ("first", first, JSON),
+        ("duplicate", first, JSON),
+        ("older", older, MSGPACK),
+        ("bad", {**first, "scope_kind": "galaxy"}, JSON),
+    ]:
+        body = (
+            msgspec.msgpack.encode(command)
+            if content_type == MSGPACK
+            else msgspec.json.encode(command)
+        )
+        await publish_labelled(amqp, prefix, plugin_id, label, body, content_type, replies.name)
+
+    got: dict[str, Any] = {}
+    async with replies.iterator() as messages:
+        async for message in messages:
+            async with message.process():
+                decode = (
+                    msgspec.msgpack.decode
+                    if message.content_type == MSGPACK
+                    else msgspec.json.decode
+                )
+                got[message.correlation_id or ""] = decode(message.body)
+            if len(got) == 4:
+                break
+    assert got["first"] == {"type": "applied", "id": str(newer), "outcome": "applied"}
+    assert got["duplicate"] == {"type": "applied", "id": str(newer), "outcome": "superseded"}
+    assert got["older"] == {"type": "applied", "id": str(older_id), "outcome": "superseded"}
+    assert got["bad"]["type"] == "error" and got["bad"]["code"] == "invalid_request"
+    assert await state_of(db, plugin_id) == {("issue", "ISS-1", "default", "k"): "new"}

@@ -21,6 +21,7 @@ from worker.config import Settings
 from worker.store import APPLICATION_NAME
 from worker.topology import Names, declare
 
+from .broker import close_connections, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import queue_messages, wait_until
 from .proxy import TcpProxy
@@ -191,4 +192,30 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     remaining = await queue_messages(amqp, Names(prefix).commands_queue)
     print(f"drained; {len(remaining)} messages never delivered to the worker")
     assert not any(m.redelivered for m in remaining)
+    assert await dead_letters(amqp, prefix) == 0
+
+
+async def test_lost_broker_connection_reconnects_and_resumes(
+    start_worker: StartWorker,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    require_rabbitmqctl()
+    stream = Stream(plugin_id, count=3000, seed=4)
+    worker = await start_worker()
+    await stream.publish(amqp, prefix, stop=1500)
+
+    async def some_applied() -> bool:
+        return bool(
+            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
+        )
+
+    await wait_until(some_applied, what="the first writes")
+    closed = await close_connections(worker.instance)
+    print(f"closed {closed} broker connection(s) of the worker")
+    assert closed == 1
+    await stream.publish(amqp, prefix, start=1500)
+    await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
     assert await dead_letters(amqp, prefix) == 0

@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -38,6 +39,7 @@ class Worker:
         self.settings = settings
         self.clock = clock
         self.metrics = Metrics()
+        self.instance = uuid.uuid4().hex[:8]
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.connection: AbstractRobustConnection | None = None
@@ -46,7 +48,9 @@ class Worker:
 
     @property
     def connection_name(self) -> str:
-        return f"plugin-state-worker {socket.gethostname()}:{os.getpid()}"
+        """Shown by RabbitMQ, so an operator (or a fault test) can find this worker's
+        connections; unique per worker, even with several in one process."""
+        return f"plugin-state-worker {socket.gethostname()}:{os.getpid()}:{self.instance}"
 
     async def start(self) -> None:
         settings = self.settings

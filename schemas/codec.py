@@ -40,7 +40,7 @@ class Codec:
     writes: msgspec.json.Decoder[WriteCommand] | msgspec.msgpack.Decoder[WriteCommand]
     reads: msgspec.json.Decoder[ReadRequest] | msgspec.msgpack.Decoder[ReadRequest]
     replies: msgspec.json.Decoder[Reply] | msgspec.msgpack.Decoder[Reply]
-    untyped: msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]
+    envelope: msgspec.json.Decoder[_Envelope] | msgspec.msgpack.Decoder[_Envelope]
     encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder
 
     def encode(self, message: object) -> bytes:
@@ -49,54 +49,67 @@ class Codec:
     def decode_write(self, body: bytes) -> WriteCommand:
         try:
             return self.writes.decode(body)
-        except msgspec.DecodeError as exc:
+        except _DECODE_FAILURES as exc:
             raise self._classify(body, exc, WRITE_OPS, "write command") from None
-        except RecursionError:
-            raise _too_deep() from None
 
     def decode_read(self, body: bytes) -> ReadRequest:
         try:
             return self.reads.decode(body)
-        except msgspec.DecodeError as exc:
+        except _DECODE_FAILURES as exc:
             raise self._classify(body, exc, READ_OPS, "read request") from None
-        except RecursionError:
-            raise _too_deep() from None
 
     def decode_reply(self, body: bytes) -> Reply:
         try:
             return self.replies.decode(body)
-        except msgspec.DecodeError as exc:
+        except _DECODE_FAILURES as exc:
             raise InvalidMessage(f"malformed reply: {exc}") from None
 
-    def _classify(
-        self, body: bytes, exc: msgspec.DecodeError, ops: frozenset[str], what: str
-    ) -> StateError:
+    def _classify(self, body: bytes, exc: Exception, ops: frozenset[str], what: str) -> StateError:
+        if isinstance(exc, RecursionError):
+            # Too deep even to look at the op; within an object only a value nests so deep.
+            if self._looks_like_object(body):
+                return UnsupportedValue("value nests too deeply (the limit is about 1000 levels)")
+            return InvalidMessage(f"body must be a {self.name} object")
+        if isinstance(exc, UnicodeDecodeError):
+            return InvalidMessage(f"body holds a string that is not valid UTF-8: {exc.reason}")
         if not isinstance(exc, msgspec.ValidationError):
             return InvalidMessage(f"body is not well-formed {self.name}: {exc}")
         text = str(exc)
         if "out of range" in text and _VALUE_PATH.search(text):
             # The path names a value field, so the op was known and decoding reached it.
             return UnsupportedValue(f"value holds a number jsonb cannot store: {text}")
-        # The typed decode failed: look again, untyped, to tell "not an object / which op?"
-        # (the message's shape) from "a known op with a bad field" (the request's content).
+        # The typed decode failed: look again at the op alone, to tell "not an object / which
+        # op?" (the message's shape) from "a known op with a bad field" (its content).
         try:
-            obj = self.untyped.decode(body)
-        except msgspec.DecodeError:
-            obj = None
-        if not isinstance(obj, dict):
-            return InvalidMessage(f"body must be a {self.name} object")
-        op = obj.get("op")
+            op = self.envelope.decode(body).op
+        except RecursionError:
+            # A deep value elsewhere: go by where the typed decode stopped instead.
+            if "`$.op`" in text or "field `op`" in text:
+                return InvalidMessage(f"body has no usable `op`: {text}")
+            return InvalidRequest(text)
+        except _DECODE_FAILURES:
+            return InvalidMessage(f"body must be a {self.name} object with a string `op`")
         if op is None:
             return InvalidMessage("body has no `op`")
         if not isinstance(op, str) or op not in ops:
             return InvalidMessage(f"unknown op {op!r}: a {what} is one of {sorted(ops)}")
         return InvalidRequest(text)
 
+    def _looks_like_object(self, body: bytes) -> bool:
+        if self.content_type == JSON:
+            return body.lstrip()[:1] == b"{"
+        return bool(body) and (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF))
 
-def _too_deep() -> StateError:
-    # msgspec refuses to nest deeper than the interpreter's recursion limit (about 1000
-    # levels); only a value can nest that deep in a well-formed command.
-    return UnsupportedValue("value nests too deeply (the limit is about 1000 levels)")
+
+class _Envelope(msgspec.Struct):
+    """Only the op: decoding it skips every other field, whatever they hold."""
+
+    op: Any = None
+
+
+# msgspec raises UnicodeDecodeError for invalid UTF-8 in strings and RecursionError past
+# the interpreter's recursion limit, besides its own DecodeError.
+_DECODE_FAILURES: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 def _json_codec() -> Codec:
@@ -106,7 +119,7 @@ def _json_codec() -> Codec:
         writes=msgspec.json.Decoder(WriteCommand),
         reads=msgspec.json.Decoder(ReadRequest),
         replies=msgspec.json.Decoder(Reply),
-        untyped=msgspec.json.Decoder(),
+        envelope=msgspec.json.Decoder(_Envelope),
         encoder=msgspec.json.Encoder(),
     )
 
@@ -118,7 +131,7 @@ def _msgpack_codec() -> Codec:
         writes=msgspec.msgpack.Decoder(WriteCommand),
         reads=msgspec.msgpack.Decoder(ReadRequest),
         replies=msgspec.msgpack.Decoder(Reply),
-        untyped=msgspec.msgpack.Decoder(),
+        envelope=msgspec.msgpack.Decoder(_Envelope),
         encoder=msgspec.msgpack.Encoder(),
     )
 

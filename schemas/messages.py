@@ -9,7 +9,6 @@ windows, what a value may contain) live in ``worker.validate``.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -39,8 +38,16 @@ DEFAULT_NAMESPACE: Final = "default"
 RESERVED_NAMES: Final = frozenset({"__proto__", "prototype", "constructor"})
 
 # Not empty or all whitespace, not a reserved word, no NUL. Written as one regular expression
-# that ECMAScript and Python read alike, so the exported JSON Schema enforces it too.
-NAME_PATTERN: Final = r"^(?!\s*$)(?!(?:__proto__|prototype|constructor)$)[^\x00]*$"
+# that ECMAScript and Python read alike, so the exported JSON Schema enforces it too: the end
+# of the string is `(?![\s\S])` (Python's `$` also matches before a final newline), and the
+# whitespace class is spelled out (the two languages' `\s` differ at the edges).
+_WHITESPACE: Final = (
+    r"[\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)
+_END: Final = r"(?![\s\S])"
+NAME_PATTERN: Final = (
+    rf"^(?!{_WHITESPACE}*{_END})(?!(?:__proto__|prototype|constructor){_END})[^\x00]*{_END}"
+)
 
 Name = Annotated[
     str,
@@ -60,6 +67,11 @@ WriteId = Annotated[
     Meta(description="UUIDv7 made by the publisher: idempotency key and version of the write"),
 ]
 JsonValue = Annotated[Any, Meta(description="any JSON value, null included")]
+# A string, not a datetime: MessagePack would otherwise carry a timestamp extension, and the
+# contract says RFC 3339 in both encodings.
+Timestamp = Annotated[
+    str, Meta(description="RFC 3339 date-time", extra_json_schema={"format": "date-time"})
+]
 
 
 class _Wire(Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
@@ -181,7 +193,7 @@ class ValueReply(_Reply, tag="value", kw_only=True):
     found: bool
     value: JsonValue | UnsetType = UNSET
     version: uuid.UUID | UnsetType = UNSET
-    updated_at: datetime | UnsetType = UNSET
+    updated_at: Timestamp | UnsetType = UNSET
 
 
 class ValuesReply(_Reply, tag="values", kw_only=True):
@@ -199,7 +211,7 @@ class PageItem(Struct, kw_only=True):
     key: str
     value: JsonValue
     version: uuid.UUID
-    updated_at: datetime
+    updated_at: Timestamp
 
 
 class PageReply(_Reply, tag="page", kw_only=True):

@@ -21,11 +21,13 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.applier import Applier
+from worker.commits import CommitSignal, listen_for_commits
 from worker.config import Settings
-from worker.consumer import BROKER_FAILURES, CommandConsumer
+from worker.consumer import CommandConsumer
 from worker.metrics import Metrics
-from worker.publish import Publisher
+from worker.publish import BROKER_FAILURES, Publisher
 from worker.retention import run_retention
+from worker.rpc import RpcServer
 from worker.store import DATABASE_FAILURES, Store, create_pool
 from worker.topology import Names, Topology, declare
 
@@ -45,6 +47,8 @@ class Worker:
         self.connection: AbstractRobustConnection | None = None
         self.topology: Topology | None = None
         self.consumer: CommandConsumer | None = None
+        self.rpc: RpcServer | None = None
+        self.commits = CommitSignal()
 
     @property
     def connection_name(self) -> str:
@@ -68,35 +72,68 @@ class Worker:
                 settings.amqp_url, client_properties={"connection_name": self.connection_name}
             ),
         )
-        consume_channel = await self.connection.channel()
-        await consume_channel.set_qos(prefetch_count=settings.effective_prefetch)
-        self.topology = await declare(consume_channel, settings)
-        publish_channel = await self.connection.channel(publisher_confirms=True)
-        dead_exchange = await publish_channel.get_exchange(Names(settings.prefix).dead)
+        # One channel per consumer, so each has its own prefetch and its own delivery tags
+        # (the write path acks with `multiple`); replies and dead letters on their own.
+        commands_channel = await self.connection.channel()
+        await commands_channel.set_qos(prefetch_count=settings.effective_prefetch)
+        self.topology = await declare(commands_channel, settings)
+        rpc_channel = await self.connection.channel()
+        await rpc_channel.set_qos(prefetch_count=settings.rpc_prefetch)
+        rpc_queue = await rpc_channel.get_queue(Names(settings.prefix).rpc_queue, ensure=False)
+        confirm_channel = await self.connection.channel(publisher_confirms=True)
+        reply_channel = await self.connection.channel(publisher_confirms=False)
+        dead_exchange = await confirm_channel.get_exchange(Names(settings.prefix).dead)
+        publisher = Publisher(reply_channel, dead_exchange)
         self.consumer = CommandConsumer(
             settings=settings,
             queue=self.topology.commands,
             applier=Applier(self.store),
-            publisher=Publisher(publish_channel, dead_exchange),
+            publisher=publisher,
             metrics=self.metrics,
             clock=self.clock,
+            on_commit=self.commits.notify,
         )
-        await self.consumer.start()
-        log.info("worker_started", prefix=settings.prefix)
+        self.rpc = RpcServer(
+            settings=settings,
+            queue=rpc_queue,
+            store=self.store,
+            publisher=publisher,
+            metrics=self.metrics,
+            commits=self.commits,
+        )
+        if "writes" in settings.roles:
+            await self.consumer.start()
+        if "reads" in settings.roles:
+            await self.rpc.start()
+        log.info("worker_started", prefix=settings.prefix, roles=sorted(settings.roles))
 
     async def serve(self) -> None:
         """Run until ``request_stop``, then drain; returns when everything held is settled."""
-        assert self.consumer is not None and self.store is not None
+        assert self.consumer is not None and self.rpc is not None and self.store is not None
+        settings = self.settings
         async with asyncio.TaskGroup() as group:
             consuming = group.create_task(self.consumer.run(), name="commands")
-            housekeeping = group.create_task(
-                run_retention(self.store, self.settings, self.clock), name="retention"
-            )
+            serving = group.create_task(self.rpc.run(), name="rpc")
+            background = [
+                group.create_task(
+                    run_retention(self.store, settings, self.clock), name="retention"
+                ),
+                group.create_task(
+                    listen_for_commits(
+                        settings.database_url,
+                        self.commits,
+                        settings.retry_initial_seconds,
+                        settings.retry_max_seconds,
+                    ),
+                    name="commit-listener",
+                ),
+            ]
             await self.stopping.wait()
             log.info("worker_draining")
-            await self.consumer.drain()
-            await consuming
-            housekeeping.cancel()
+            await asyncio.gather(self.consumer.drain(), self.rpc.drain())
+            await asyncio.gather(consuming, serving)
+            for task in background:
+                task.cancel()
 
     def request_stop(self) -> None:
         self.stopping.set()

@@ -38,6 +38,9 @@ class Settings:
     trusted_users: frozenset[str] = field(default_factory=frozenset)
     """RabbitMQ users that may act for every plugin (comma-separated)."""
 
+    roles: frozenset[str] = frozenset({"writes", "reads"})
+    """What this worker serves: `writes` (the commands queue), `reads` (the rpc queue), or both."""
+
     batch_size: int = 500
     """Most write messages applied in one transaction."""
     batch_wait_ms: int = 20
@@ -124,6 +127,8 @@ class Settings:
             raise ConfigError(f"{_env_name('prefetch')} must be at least the batch size")
         if not 0 < self.retry_initial_seconds <= self.retry_max_seconds:
             raise ConfigError("retry back-off must satisfy 0 < initial <= max")
+        if not self.roles or not self.roles <= {"writes", "reads"}:
+            raise ConfigError(f"{_env_name('roles')} must be writes, reads or both")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{_env_name('log_format')} must be text or json")
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Final
 
 import aio_pika
-import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
@@ -31,18 +30,12 @@ from worker.applier import Applier, Result
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.model import Write
-from worker.publish import Publisher
+from worker.publish import BROKER_FAILURES, Publisher
 from worker.store import DATABASE_FAILURES
 from worker.validate import Rules, validate_write
 
 log = structlog.get_logger(__name__)
 
-BROKER_FAILURES: Final = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    TimeoutError,
-)
 
 _STOP: Final = object()
 
@@ -62,6 +55,7 @@ class CommandConsumer:
         publisher: Publisher,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        on_commit: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -69,6 +63,7 @@ class CommandConsumer:
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
+        self.on_commit = on_commit
         self.rules = Rules.from_settings(settings)
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._batches: asyncio.Queue[list[AbstractIncomingMessage] | None] = asyncio.Queue(1)
@@ -200,6 +195,7 @@ class CommandConsumer:
             started = time.perf_counter()
             outcomes = await self._apply_until_done(writes)
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
+            self.on_commit()
             for position, outcome in zip(positions, outcomes, strict=True):
                 results[position] = outcome
         self.metrics.batch_size.observe(len(batch))

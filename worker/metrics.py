@@ -41,6 +41,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.rpc_seconds = Histogram(
+            "plugin_state_rpc_seconds",
+            "Time from receiving a read request to sending its reply, by op",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.rpc_waiting = Gauge(
+            "plugin_state_rpc_waiting",
+            "Read requests waiting for their `after` write (read-your-writes)",
+            registry=self.registry,
+        )
+        self.rpc_expired = Counter(
+            "plugin_state_rpc_expired",
+            "Read requests dropped because they expired before they were served",
+            registry=self.registry,
+        )
+
     def count_write(self, outcome: str) -> None:
         self.writes.labels(outcome=outcome).inc()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from schemas.codec import Codec
@@ -16,13 +17,26 @@ from schemas.errors import StateError
 from schemas.messages import Reply
 
 PUBLISH_TIMEOUT: Final = 10.0
+
+# What the broker side may raise at a publish, an ack or a cancel: the connection or channel
+# is gone or refused us. Callers keep their work unacked, so it comes back.
+BROKER_FAILURES: Final = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    TimeoutError,
+)
 # Long reasons (a msgspec path into a huge batch) are cut so the header stays small.
 _MAX_REASON: Final = 1000
 
 
 class Publisher:
-    def __init__(self, channel: AbstractChannel, dead_exchange: AbstractExchange) -> None:
-        self.channel = channel
+    """Replies go on a channel without confirms (a lost reply is a caller's time-out, and
+    waiting for a confirm would add a round trip to every read); dead letters go through an
+    exchange object of a channel with confirms."""
+
+    def __init__(self, reply_channel: AbstractChannel, dead_exchange: AbstractExchange) -> None:
+        self.reply_channel = reply_channel
         self.dead_exchange = dead_exchange
 
     async def reply(
@@ -36,8 +50,10 @@ class Publisher:
             correlation_id=correlation_id,
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
-        await self.channel.default_exchange.publish(
-            message, routing_key=reply_to, timeout=PUBLISH_TIMEOUT
+        # Not mandatory: RabbitMQ treats a direct reply-to name as unroutable for a
+        # mandatory publish and would return every reply.
+        await self.reply_channel.default_exchange.publish(
+            message, routing_key=reply_to, mandatory=False, timeout=PUBLISH_TIMEOUT
         )
 
     async def dead_letter(self, message: AbstractIncomingMessage, error: StateError) -> None:

@@ -61,6 +61,36 @@ class PluginRow:
     entries: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class StoredValue:
+    """An entry's value as stored: JSON text (jsonb's own rendering), version, time."""
+
+    value_json: str
+    version: uuid.UUID
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One looked-up entry: its value (None when missing) and whether the write the reader
+    asked to see (``after``) has reached it."""
+
+    value: StoredValue | None
+    ready: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One entry of a ``list`` page."""
+
+    entry: EntryKey
+    value: StoredValue
+
+
+ListPosition = tuple[str, str, str, str]
+"""Where a list page ended: (scope_kind, scope_id or '', namespace, key)."""
+
+
 async def create_pool(database_url: str, size: int, command_timeout: float) -> asyncpg.Pool:
     """A pool whose backends name themselves, so operators (and fault tests) can find them."""
     pool = await asyncpg.create_pool(
@@ -124,6 +154,60 @@ class Store:
                     *_key_columns(deletes),
                 )
         return won
+
+    async def lookup_entries(
+        self, wanted: Sequence[tuple[EntryKey, uuid.UUID | None]]
+    ) -> list[Lookup]:
+        """Look many entries up in one round trip, in order; each with its ``after``."""
+        rows = await self.pool.fetch(
+            QUERIES["lookup_entries"],
+            [e.plugin_id for e, _ in wanted],
+            [e.scope_kind for e, _ in wanted],
+            [e.scope_id for e, _ in wanted],
+            [e.namespace for e, _ in wanted],
+            [e.key for e, _ in wanted],
+            [after for _, after in wanted],
+        )
+        return [
+            Lookup(
+                value=None
+                if row["version"] is None
+                else StoredValue(row["value_json"], row["version"], row["updated_at"]),
+                ready=row["ready"],
+            )
+            for row in rows
+        ]
+
+    async def list_entries(
+        self,
+        plugin_id: uuid.UUID,
+        *,
+        scope_kind: str | None,
+        scope_id: str | None,
+        namespace: str | None,
+        prefix: str,
+        limit: int,
+        after: ListPosition | None,
+    ) -> list[Listed]:
+        """Up to ``limit`` entries in list order, after ``after`` when given."""
+        args: list[Any] = [plugin_id, scope_kind, scope_id, namespace, prefix, limit]
+        if after is None:
+            rows = await self.pool.fetch(QUERIES["list_first_page"], *args)
+        else:
+            rows = await self.pool.fetch(QUERIES["list_next_page"], *args, *after)
+        return [
+            Listed(
+                EntryKey(
+                    plugin_id,
+                    row["scope_kind"],
+                    row["scope_id"],
+                    row["namespace"],
+                    row["state_key"],
+                ),
+                StoredValue(row["value_json"], row["version"], row["updated_at"]),
+            )
+            for row in rows
+        ]
 
     async def purge_tombstones(self, older_than: uuid.UUID, limit: int) -> int | None:
         """Remove up to ``limit`` tombstones older than the version ``older_than``.

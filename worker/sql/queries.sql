@@ -4,6 +4,9 @@
 -- name: server_version_num
 SELECT current_setting('server_version_num')::int;
 
+-- name: ping
+SELECT 1;
+
 -- name: known_plugins
 -- Which of these plugin ids are registered.
 SELECT id FROM plugins WHERE id = ANY($1::uuid[]);
@@ -64,7 +67,69 @@ WITH upserted AS (
 )
 SELECT (SELECT count(*) FROM upserted) AS upserted,
        (SELECT count(*) FROM removed_scoped) + (SELECT count(*) FROM removed_instance)
-           AS removed;
+           AS removed,
+       -- Wakes read-your-writes waiters of every worker (delivered at commit).
+       pg_notify('plugin_state_commits', '') AS notified;
+
+-- name: lookup_entries
+-- The values of many entries in one round trip, one row per requested entry (n is its
+-- 1-based position). `ready` is false while the write named by `after` (or a newer one)
+-- has not reached the entry's version register yet. Each lookup is split on whether
+-- scope_id is null so that both arms use the unique index.
+SELECT w.n, s.value_json, s.version, s.updated_at,
+       coalesce(w.after IS NULL OR v.version >= w.after, false) AS ready
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[])
+    WITH ORDINALITY AS w (plugin_id, scope_kind, scope_id, namespace, state_key, after, n)
+LEFT JOIN LATERAL (
+    SELECT s.value_json, s.version, s.updated_at FROM plugin_state s
+    WHERE w.scope_id IS NOT NULL
+      AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
+      AND s.scope_id = w.scope_id AND s.namespace = w.namespace AND s.state_key = w.state_key
+    UNION ALL
+    SELECT s.value_json, s.version, s.updated_at FROM plugin_state s
+    WHERE w.scope_id IS NULL AND s.scope_id IS NULL
+      AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
+      AND s.namespace = w.namespace AND s.state_key = w.state_key
+) s ON true
+LEFT JOIN LATERAL (
+    SELECT v.version FROM plugin_state_versions v
+    WHERE w.after IS NOT NULL AND w.scope_id IS NOT NULL
+      AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
+      AND v.scope_id = w.scope_id AND v.namespace = w.namespace AND v.state_key = w.state_key
+    UNION ALL
+    SELECT v.version FROM plugin_state_versions v
+    WHERE w.after IS NOT NULL AND w.scope_id IS NULL AND v.scope_id IS NULL
+      AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
+      AND v.namespace = w.namespace AND v.state_key = w.state_key
+) v ON true
+ORDER BY w.n;
+
+-- name: list_first_page
+-- A plugin's entries in (scope_kind, scope_id, namespace, key) order, optionally filtered;
+-- $6 is the page size plus one (the extra row tells whether another page follows).
+SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at
+FROM plugin_state
+WHERE plugin_id = $1
+  AND ($2::text IS NULL OR scope_kind = $2)
+  AND ($3::text IS NULL OR scope_id = $3)
+  AND ($4::text IS NULL OR namespace = $4)
+  AND starts_with(state_key, $5)
+ORDER BY scope_kind, coalesce(scope_id, ''), namespace, state_key
+LIMIT $6;
+
+-- name: list_next_page
+-- As list_first_page, after the cursor ($7..$10, the last entry of the previous page):
+-- keyset paging, so entries added or removed between pages never shift the others.
+SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at
+FROM plugin_state
+WHERE plugin_id = $1
+  AND ($2::text IS NULL OR scope_kind = $2)
+  AND ($3::text IS NULL OR scope_id = $3)
+  AND ($4::text IS NULL OR namespace = $4)
+  AND starts_with(state_key, $5)
+  AND (scope_kind, coalesce(scope_id, ''), namespace, state_key) > ($7, $8, $9, $10)
+ORDER BY scope_kind, coalesce(scope_id, ''), namespace, state_key
+LIMIT $6;
 
 -- name: purge_tombstones
 -- Removes up to $2 tombstones whose version is older than $1. SKIP LOCKED: a tombstone a

@@ -1,0 +1,421 @@
+"""The read path: ``get``, ``get_many`` and ``list`` over AMQP RPC, with read-your-writes.
+
+Requests are served in bursts: whatever has arrived is decoded together and every ``get``
+and ``get_many`` entry of the burst is looked up in one query (on the unique index).
+Replies go to the request's ``reply_to`` with its ``correlation_id``, in its encoding.
+
+A request naming a write (``after``) that has not reached its entry yet waits, without
+polling Postgres hard: waiters are re-checked together, in one query, when a commit is
+signalled (this worker's consumer, or ``LISTEN`` for other workers) or every
+``_POLL_SECONDS``, until the request's expiration or 5 s, then get ``write_pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from schemas.codec import JSON, Codec, codec_for
+from schemas.errors import (
+    Internal,
+    InvalidMessage,
+    InvalidRequest,
+    StateError,
+    UnknownPlugin,
+    WritePending,
+)
+from schemas.messages import (
+    ErrorReply,
+    GetManyRequest,
+    GetRequest,
+    ListRequest,
+    PageItem,
+    PageReply,
+    ReadRequest,
+    Reply,
+    ValueReply,
+    ValuesReply,
+)
+from worker.commits import CommitSignal
+from worker.config import Settings
+from worker.metrics import Metrics
+from worker.model import EntryKey
+from worker.publish import BROKER_FAILURES, Publisher
+from worker.store import DATABASE_FAILURES, ListPosition, Lookup, Store, StoredValue
+from worker.validate import check_scope
+
+log = structlog.get_logger(__name__)
+
+MAX_WAIT_SECONDS: Final = 5.0
+_POLL_SECONDS: Final = 0.25
+_BURST: Final = 256
+_STOP: Final = object()
+
+
+@dataclass(eq=False)
+class _Call:
+    """One request being served: where to answer, what it asked, until when it may wait."""
+
+    message: AbstractIncomingMessage
+    codec: Codec
+    request: ReadRequest
+    received: float
+    deadline: float
+    wanted: list[tuple[EntryKey, uuid.UUID | None]] = field(default_factory=list)
+
+    @property
+    def op(self) -> str:
+        return str(self.request.__struct_config__.tag)
+
+
+def _expiration_seconds(message: AbstractIncomingMessage) -> float | None:
+    """The request's AMQP expiration in seconds (aio-pika decodes it to a float)."""
+    expiration = message.expiration
+    if isinstance(expiration, int | float):
+        return float(expiration)
+    return None
+
+
+def encode_cursor(position: ListPosition) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(position)).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> ListPosition:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        kind, scope_id, namespace, key = msgspec.json.decode(raw, type=tuple[str, str, str, str])
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise InvalidRequest("cursor is not one this server issued") from None
+    return kind, scope_id, namespace, key
+
+
+def _value_reply(value: StoredValue | None, codec: Codec) -> ValueReply:
+    if value is None:
+        return ValueReply(found=False)
+    return ValueReply(
+        found=True,
+        value=_embed(value.value_json, codec),
+        version=value.version,
+        updated_at=value.updated_at.isoformat(),
+    )
+
+
+def _embed(value_json: str, codec: Codec) -> Any:
+    # JSON replies carry the stored JSON text as is; MessagePack needs the value itself.
+    if codec.content_type == JSON:
+        return msgspec.Raw(value_json.encode())
+    return msgspec.json.decode(value_json)
+
+
+def _wanted(request: GetRequest | GetManyRequest) -> list[tuple[EntryKey, uuid.UUID | None]]:
+    if isinstance(request, GetRequest):
+        check_scope(request.scope_kind, request.scope_id)
+        key = EntryKey(
+            request.plugin_id,
+            request.scope_kind,
+            request.scope_id,
+            request.namespace,
+            request.key,
+        )
+        return [(key, request.after)]
+    wanted = []
+    for index, ref in enumerate(request.entries):
+        try:
+            check_scope(ref.scope_kind, ref.scope_id)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"entries[{index}]: {exc.message}") from None
+        key = EntryKey(request.plugin_id, ref.scope_kind, ref.scope_id, ref.namespace, ref.key)
+        wanted.append((key, ref.after))
+    return wanted
+
+
+class RpcServer:
+    """Consumes the rpc queue and answers every request exactly once (or drops it expired)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        queue: AbstractQueue,
+        store: Store,
+        publisher: Publisher,
+        metrics: Metrics,
+        commits: CommitSignal,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.publisher = publisher
+        self.metrics = metrics
+        self.commits = commits
+        self._inbox: asyncio.Queue[object] = asyncio.Queue()
+        self._waiting: list[_Call] = []
+        self._consumer_tag: str | None = None
+        self._draining = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._consumer_tag = await self.queue.consume(self._on_message)
+
+    async def run(self) -> None:
+        """Serve until ``drain``; waiting requests then go back to the queue for another
+        worker instead of being answered early."""
+        async with asyncio.TaskGroup() as group:
+            waiting = group.create_task(self._wait_loop(), name="rpc-waiters")
+            await self._serve_loop()
+            waiting.cancel()
+        for call in self._waiting:
+            await self._settle(call.message, requeue=True)
+        self._waiting.clear()
+        self.metrics.rpc_waiting.set(0)
+
+    async def drain(self) -> None:
+        if self._draining.is_set():
+            return
+        self._draining.set()
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is not None:
+            try:
+                await self.queue.cancel(tag)
+            except BROKER_FAILURES as exc:
+                log.info("rpc_unsubscribe_failed", error=repr(exc))
+        self._inbox.put_nowait(_STOP)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait((time.monotonic(), message))
+
+    # ------------------------------------------------------------------ serving
+
+    async def _serve_loop(self) -> None:
+        while True:
+            item = await self._inbox.get()
+            if item is _STOP:
+                return
+            burst = [item]
+            stopping = False
+            while len(burst) < _BURST and not self._inbox.empty():
+                nxt = self._inbox.get_nowait()
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                burst.append(nxt)
+            await self._serve_burst(burst)  # type: ignore[arg-type]
+            if stopping:
+                return
+
+    async def _serve_burst(self, burst: list[tuple[float, AbstractIncomingMessage]]) -> None:
+        calls: list[_Call] = []
+        for received, message in burst:
+            call = await self._admit(received, message)
+            if call is not None:
+                calls.append(call)
+        if not calls:
+            return
+        try:
+            known = await self.store.known_plugins(list({c.request.plugin_id for c in calls}))
+        except DATABASE_FAILURES as exc:
+            await self._fail_all(calls, exc)
+            return
+        lookups: list[_Call] = []
+        lists: list[_Call] = []
+        for call in calls:
+            if call.request.plugin_id not in known:
+                await self._answer_error(
+                    call, UnknownPlugin(f"plugin {call.request.plugin_id} is not registered")
+                )
+            elif isinstance(call.request, ListRequest):
+                lists.append(call)
+            else:
+                lookups.append(call)
+        await asyncio.gather(self._serve_lookups(lookups), *(self._serve_list(c) for c in lists))
+
+    async def _admit(self, received: float, message: AbstractIncomingMessage) -> _Call | None:
+        """Decode and validate; answer (or drop) what cannot be served. None if handled."""
+        expiration = _expiration_seconds(message)
+        if expiration is not None and time.monotonic() > received + expiration:
+            self.metrics.rpc_expired.inc()
+            await self._settle(message)
+            return None
+        if not message.reply_to:
+            error = InvalidRequest("a read request needs reply_to (and correlation_id)")
+            self.metrics.count_reject(error.code)
+            try:
+                await self.publisher.dead_letter(message, error)
+            except BROKER_FAILURES as exc:
+                log.warning("rpc_dead_letter_failed", error=repr(exc))
+                return None
+            await self._settle(message)
+            return None
+        try:
+            codec = codec_for(message.content_type)
+        except InvalidMessage as exc:
+            await self._reply(
+                message, codec_for(JSON), ErrorReply(code=exc.code, message=exc.message)
+            )
+            return None
+        wait = MAX_WAIT_SECONDS if expiration is None else min(expiration, MAX_WAIT_SECONDS)
+        try:
+            request = codec.decode_read(message.body)
+            call = _Call(message, codec, request, received, received + wait)
+            if isinstance(request, ListRequest):
+                if request.scope_kind == "instance" and request.scope_id is not None:
+                    raise InvalidRequest("scope_id must be null for scope_kind 'instance'")
+                if request.cursor is not None:
+                    decode_cursor(request.cursor)
+            else:
+                call.wanted = _wanted(request)
+        except StateError as exc:
+            await self._reply(message, codec, ErrorReply(code=exc.code, message=exc.message))
+            return None
+        return call
+
+    async def _serve_lookups(self, calls: list[_Call]) -> None:
+        if not calls:
+            return
+        try:
+            lookups = await self.store.lookup_entries([w for c in calls for w in c.wanted])
+        except DATABASE_FAILURES as exc:
+            await self._fail_all(calls, exc)
+            return
+        offset = 0
+        for call in calls:
+            mine = lookups[offset : offset + len(call.wanted)]
+            offset += len(call.wanted)
+            if all(lookup.ready for lookup in mine):
+                await self._answer_lookup(call, mine)
+            else:
+                self._waiting.append(call)
+        self.metrics.rpc_waiting.set(len(self._waiting))
+
+    async def _answer_lookup(self, call: _Call, lookups: list[Lookup]) -> None:
+        reply: Reply
+        if isinstance(call.request, GetRequest):
+            reply = _value_reply(lookups[0].value, call.codec)
+        else:
+            reply = ValuesReply(items=[_value_reply(lk.value, call.codec) for lk in lookups])
+        await self._answer(call, reply)
+
+    async def _serve_list(self, call: _Call) -> None:
+        request = call.request
+        assert isinstance(request, ListRequest)
+        after = None if request.cursor is None else decode_cursor(request.cursor)
+        try:
+            rows = await self.store.list_entries(
+                request.plugin_id,
+                scope_kind=request.scope_kind,
+                scope_id=request.scope_id,
+                namespace=request.namespace,
+                prefix=request.prefix,
+                limit=request.limit + 1,
+                after=after,
+            )
+        except DATABASE_FAILURES as exc:
+            await self._fail_all([call], exc)
+            return
+        page = rows[: request.limit]
+        next_cursor = None
+        if len(rows) > request.limit:
+            last = page[-1].entry
+            next_cursor = encode_cursor(
+                (last.scope_kind, last.scope_id or "", last.namespace, last.key)
+            )
+        items = [
+            PageItem(
+                scope_kind=row.entry.scope_kind,  # type: ignore[arg-type]
+                scope_id=row.entry.scope_id,
+                namespace=row.entry.namespace,
+                key=row.entry.key,
+                value=_embed(row.value.value_json, call.codec),
+                version=row.value.version,
+                updated_at=row.value.updated_at.isoformat(),
+            )
+            for row in page
+        ]
+        await self._answer(call, PageReply(items=items, next_cursor=next_cursor))
+
+    # ------------------------------------------------------------------ waiting
+
+    async def _wait_loop(self) -> None:
+        while True:
+            timeout = _POLL_SECONDS
+            if self._waiting:
+                nearest = min(c.deadline for c in self._waiting) - time.monotonic()
+                timeout = max(0.0, min(timeout, nearest))
+            await self.commits.wait(timeout)
+            if self._waiting:
+                await self._recheck()
+
+    async def _recheck(self) -> None:
+        calls, self._waiting = self._waiting, []
+        now = time.monotonic()
+        try:
+            lookups = await self.store.lookup_entries([w for c in calls for w in c.wanted])
+        except DATABASE_FAILURES as exc:
+            log.warning("rpc_recheck_failed", error=repr(exc))
+            self._waiting = [c for c in calls if c.deadline > now]
+            for call in calls:
+                if call.deadline <= now:
+                    await self._answer_pending(call)
+            return
+        offset = 0
+        for call in calls:
+            mine = lookups[offset : offset + len(call.wanted)]
+            offset += len(call.wanted)
+            if all(lookup.ready for lookup in mine):
+                await self._answer_lookup(call, mine)
+            elif call.deadline <= now:
+                await self._answer_pending(call)
+            else:
+                self._waiting.append(call)
+        self.metrics.rpc_waiting.set(len(self._waiting))
+
+    async def _answer_pending(self, call: _Call) -> None:
+        await self._answer_error(
+            call,
+            WritePending(
+                f"the write named by `after` was not applied within "
+                f"{call.deadline - call.received:.1f} s"
+            ),
+        )
+
+    # ------------------------------------------------------------------ replying
+
+    async def _fail_all(self, calls: list[_Call], exc: BaseException) -> None:
+        log.warning("rpc_database_failed", error=repr(exc), requests=len(calls))
+        for call in calls:
+            await self._answer_error(call, Internal("the database is unavailable; retry"))
+
+    async def _answer_error(self, call: _Call, error: StateError) -> None:
+        await self._answer(call, ErrorReply(code=error.code, message=error.message))
+
+    async def _answer(self, call: _Call, reply: Reply) -> None:
+        self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received)
+        await self._reply(call.message, call.codec, reply)
+
+    async def _reply(self, message: AbstractIncomingMessage, codec: Codec, reply: Reply) -> None:
+        assert message.reply_to is not None
+        try:
+            await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
+        except BROKER_FAILURES as exc:
+            # The request stays unacked and comes back to some worker with the connection.
+            log.info("rpc_reply_failed", error=repr(exc))
+            return
+        await self._settle(message)
+
+    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
+        try:
+            if requeue:
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
+        except BROKER_FAILURES as exc:
+            log.info("rpc_ack_lost_with_channel", error=repr(exc))

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 
-async def _rabbitmqctl(*args: str) -> str:
+async def rabbitmqctl(*args: str) -> str:
     process = await asyncio.create_subprocess_exec(
         "rabbitmqctl",
         "-q",
@@ -30,13 +30,13 @@ def require_rabbitmqctl() -> None:
 async def close_connections(name_contains: str) -> int:
     """Close every connection whose client-provided name contains ``name_contains``."""
     # The table format prints pids in the form close_connection accepts.
-    listing = await _rabbitmqctl(
+    listing = await rabbitmqctl(
         "list_connections", "--no-table-headers", "pid", "client_properties"
     )
     closed = 0
     for line in listing.splitlines():
         pid, _, properties = line.partition("\t")
         if name_contains in properties:
-            await _rabbitmqctl("close_connection", pid, "closed by a fault test")
+            await rabbitmqctl("close_connection", pid, "closed by a fault test")
             closed += 1
     return closed

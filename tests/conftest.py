@@ -22,6 +22,7 @@ from worker.config import Settings
 from worker.migrate import migrate
 from worker.topology import Names
 
+from . import helpers
 from .services import ServiceUrls, service_urls
 
 
@@ -32,6 +33,7 @@ def unique(kind: str) -> str:
 @pytest.fixture(scope="session")
 def services() -> Iterator[ServiceUrls]:
     with service_urls() as urls:
+        helpers.PUBLISHER = urlsplit(urls.amqp_url).username or "guest"
         yield urls
 
 
@@ -86,6 +88,7 @@ def settings(services: ServiceUrls, database_url: str, prefix: str) -> Settings:
         database_url=database_url,
         amqp_url=services.amqp_url,
         prefix=prefix,
+        trusted_users=frozenset({helpers.PUBLISHER}),
         batch_wait_ms=5,
         retry_initial_seconds=0.05,
         retry_max_seconds=0.5,

@@ -15,6 +15,20 @@ import msgspec
 import uuid_utils
 
 from schemas.codec import JSON, MSGPACK
+from worker.auth import Authorizer, Caller
+
+PUBLISHER = "guest"
+"""The RabbitMQ user the tests connect as; the session fixture sets it from the URL. Test
+workers trust it, and test messages carry it as their broker-validated ``user_id``."""
+
+
+def trusted_caller(plugin_id: uuid.UUID) -> Caller:
+    """A caller that may write for any plugin, for tests that drive the applier directly."""
+    return Caller(PUBLISHER, f"cmd.{plugin_id}")
+
+
+def trusting_authorizer() -> Authorizer:
+    return Authorizer(frozenset({PUBLISHER}))
 
 
 def uuid7(at_ms: int | None = None) -> uuid.UUID:
@@ -56,6 +70,7 @@ async def publish(
     reply_to: str | None = None,
     correlation_id: str | None = None,
     kind: str = "cmd",
+    user_id: str | None = None,
 ) -> None:
     exchange = await channel.get_exchange(prefix, ensure=False)
     message = aio_pika.Message(
@@ -64,6 +79,7 @@ async def publish(
         reply_to=reply_to,
         correlation_id=correlation_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        user_id=user_id or PUBLISHER,
     )
     await exchange.publish(message, routing_key=f"{kind}.{plugin_id}")
 

@@ -12,6 +12,7 @@ import msgspec
 
 from schemas.codec import JSON, MSGPACK
 
+from . import helpers
 from .helpers import encode
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -65,6 +66,7 @@ class RawRpc:
                 correlation_id=correlation_id,
                 reply_to=DIRECT_REPLY_TO if reply else None,
                 expiration=expiration,
+                user_id=helpers.PUBLISHER,
             ),
             routing_key=f"rpc.{plugin_id}",
         )

@@ -12,6 +12,7 @@ import aio_pika
 import asyncpg
 import msgspec
 
+from . import helpers
 from .helpers import delete_cmd, set_cmd, state_of
 
 
@@ -63,6 +64,7 @@ class Stream:
                             msgspec.json.encode(c),
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            user_id=helpers.PUBLISHER,
                         ),
                         routing_key=f"cmd.{self.plugin_id}",
                     )

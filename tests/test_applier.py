@@ -20,14 +20,22 @@ from worker.retention import purge_once
 from worker.store import LOCK_CLASS, RETENTION_LOCK, Store
 from worker.validate import Rules, validate_write
 
-from .helpers import delete_cmd, set_cmd, state_of, uuid7
+from .helpers import (
+    delete_cmd,
+    set_cmd,
+    state_of,
+    trusted_caller,
+    trusting_authorizer,
+    uuid7,
+)
 
 RULES = Rules(value_max_bytes=1 << 20, retention_ms=7 * 86_400_000, future_skew_ms=300_000)
 
 
 def write(command: dict[str, Any], now_ms: int | None = None) -> Write:
     decoded = codec_for(None).decode_write(msgspec.json.encode(command))
-    return validate_write(decoded, now_ms or int(time.time() * 1000), RULES)
+    caller = trusted_caller(uuid.UUID(command["plugin_id"]))
+    return validate_write(decoded, now_ms or int(time.time() * 1000), RULES, caller)
 
 
 @pytest.fixture
@@ -39,7 +47,7 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 
 async def apply(store: Store, *commands: dict[str, Any]) -> list[Result]:
-    return await Applier(store).apply([write(c) for c in commands])
+    return await Applier(store, trusting_authorizer()).apply([write(c) for c in commands])
 
 
 KEY = ("issue", "ISS-1", "default", "k")
@@ -109,8 +117,8 @@ async def test_stored_null_is_a_value_and_the_row_records_its_version(
 class _StaleCatalog(Store):
     """Believes every plugin exists, like a worker whose check raced a plugin removal."""
 
-    async def known_plugins(self, ids: Any) -> set[uuid.UUID]:
-        return set(ids)
+    async def plugin_owners(self, ids: Any) -> dict[uuid.UUID, str | None]:
+        return dict.fromkeys(ids)
 
 
 async def test_a_write_postgres_refuses_is_isolated_and_its_batch_mates_applied(

@@ -42,6 +42,7 @@ from schemas.messages import (
     ValuesReply,
 )
 from tests.helpers import delete_cmd, set_cmd, uuid7
+from worker.auth import Caller
 from worker.config import Settings
 from worker.model import EntryKey, EntryWrite, Write
 from worker.validate import Rules, encode_value, uuid7_floor, validate_write
@@ -129,7 +130,8 @@ def nested_arrays(codec: Codec, depth: int) -> bytes:
 
 def decode_and_validate(codec: Codec, body: dict[str, Any] | bytes, rules: Rules = RULES) -> Write:
     raw = body if isinstance(body, bytes) else codec.encode(body)
-    return validate_write(codec.decode_write(raw), NOW_MS, rules)
+    command = codec.decode_write(raw)
+    return validate_write(command, NOW_MS, rules, Caller("tester", f"cmd.{command.plugin_id}"))
 
 
 def raised(action: Callable[[], object]) -> StateError:

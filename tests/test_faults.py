@@ -5,10 +5,7 @@ dead-lettered for a failure that is not the message's fault."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +21,7 @@ from worker.topology import Names, declare
 from .broker import close_connections, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import queue_messages, wait_until
+from .processes import spawn_worker, wait_exit
 from .proxy import TcpProxy
 from .streams import Stream
 
@@ -110,27 +108,6 @@ async def test_terminated_backends_lose_nothing(
     assert await dead_letters(amqp, prefix) == 0
 
 
-def spawn_worker(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PLUGIN_STATE_DATABASE_URL": settings.database_url,
-        "PLUGIN_STATE_AMQP_URL": settings.amqp_url,
-        "PLUGIN_STATE_PREFIX": settings.prefix,
-        "PLUGIN_STATE_BATCH_SIZE": "100",
-        "PLUGIN_STATE_LOG_LEVEL": "warning",
-    }
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env)
-
-
-async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    async def exited() -> bool:
-        return process.poll() is not None
-
-    await wait_until(exited, timeout=timeout, what="the worker process to exit")
-    assert process.returncode is not None
-    return process.returncode
-
-
 async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     settings: Settings,
     amqp: aio_pika.abc.AbstractChannel,
@@ -141,7 +118,7 @@ async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     await declare(amqp, settings)
     stream = Stream(plugin_id, count=4000, seed=2)
     await stream.publish(amqp, prefix)
-    first = spawn_worker(settings)
+    first = spawn_worker(settings, batch_size="100")
 
     async def some_applied() -> bool:
         return bool(
@@ -158,7 +135,7 @@ async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     )
     print(f"killed with {applied_at_kill} entries written")
 
-    second = spawn_worker(settings)
+    second = spawn_worker(settings, batch_size="100")
     try:
         await wait_until(lambda: stream.matches(db), timeout=90, what="the final state")
     finally:
@@ -177,7 +154,7 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     await declare(amqp, settings)
     stream = Stream(plugin_id, count=3000, seed=3)
     await stream.publish(amqp, prefix)
-    process = spawn_worker(settings)
+    process = spawn_worker(settings, batch_size="100")
 
     async def some_applied() -> bool:
         return bool(

@@ -23,7 +23,7 @@ from worker.model import Write
 from worker.store import Store
 from worker.validate import Rules, validate_write
 
-from .helpers import uuid7
+from .helpers import trusted_caller, trusting_authorizer, uuid7
 
 NOW_MS = 1_800_000_000_000
 RULES = Rules(value_max_bytes=1 << 20, retention_ms=7 * 86_400_000, future_skew_ms=300_000)
@@ -85,7 +85,8 @@ async def scenario(database_url: str, stream: list[Any], seed: int) -> None:
         # Ids within a few milliseconds: many share a millisecond and order by random bits.
         write_id = uuid7(NOW_MS + position % 3)
         body = command(plugin_id, write_id, kind, ops)
-        writes.append(validate_write(codec_for(None).decode_write(body), NOW_MS, RULES))
+        command_ = codec_for(None).decode_write(body)
+        writes.append(validate_write(command_, NOW_MS, RULES, trusted_caller(plugin_id)))
     deliveries = writes + [rng.choice(writes) for _ in range(len(writes) // 2)]
     rng.shuffle(deliveries)
     admin = await asyncpg.connect(database_url)
@@ -96,7 +97,7 @@ async def scenario(database_url: str, stream: list[Any], seed: int) -> None:
         shares = [deliveries[i::APPLIERS] for i in range(APPLIERS)]
 
         async def run_applier(share: list[Write], store: Store) -> None:
-            applier = Applier(store)
+            applier = Applier(store, trusting_authorizer())
             while share:
                 size = rng.randint(1, 5)
                 chunk, share[:] = share[:size], share[size:]

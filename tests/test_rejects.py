@@ -14,10 +14,13 @@ import msgspec
 from schemas.codec import JSON, MSGPACK
 from worker.topology import Names
 
+from . import helpers
 from .conftest import StartWorker
 from .helpers import queue_messages, set_cmd, state_of, uuid7, wait_until
 
 DAY_MS = 86_400_000
+UNKNOWN_PLUGIN = uuid.uuid4()
+OTHER_PLUGIN = uuid.uuid4()
 
 
 async def publish_labelled(
@@ -37,6 +40,7 @@ async def publish_labelled(
             correlation_id=label,
             reply_to=reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=helpers.PUBLISHER,
         ),
         routing_key=f"cmd.{routing_plugin}",
     )
@@ -78,7 +82,8 @@ def bad_inputs(plugin_id: uuid.UUID) -> list[tuple[str, bytes, str | None, str]]
             "unsupported_value",
         ),
         ("too-large", js(value="x" * 2000), JSON, "value_too_large"),
-        ("unknown-plugin", js(plugin_id=str(uuid.uuid4())), JSON, "unknown_plugin"),
+        ("unknown-plugin", js(plugin_id=str(UNKNOWN_PLUGIN)), JSON, "unknown_plugin"),
+        ("routed-to-another-plugin", js(plugin_id=str(OTHER_PLUGIN)), JSON, "forbidden"),
         (
             "invalid-batch",
             msgspec.json.encode(
@@ -133,7 +138,9 @@ async def test_each_bad_input_is_dead_lettered_with_its_code_and_the_rest_applie
         good = set_cmd(plugin_id, f"good{n}", {"n": n})
         expected[("issue", "ISS-1", "default", f"good{n}")] = {"n": n}
         await publish_labelled(amqp, prefix, plugin_id, f"good{n}", msgspec.json.encode(good))
-        await publish_labelled(amqp, prefix, plugin_id, label, body, content_type)
+        # The unknown plugin's command is routed to its own id; every other to the test's.
+        route = UNKNOWN_PLUGIN if label == "unknown-plugin" else plugin_id
+        await publish_labelled(amqp, prefix, route, label, body, content_type)
     await publish_labelled(
         amqp,
         prefix,
@@ -161,7 +168,7 @@ async def test_each_bad_input_is_dead_lettered_with_its_code_and_the_rest_applie
         headers = message.headers or {}
         assert headers["x-reject-code"] == code, (label, headers)
         assert headers["x-reject-reason"], label
-        assert headers["x-original-routing-key"] == f"cmd.{plugin_id}"
+        assert headers["x-original-routing-key"].startswith("cmd.")
         assert message.body == body, "the dead letter keeps the original body"
         assert message.content_type == content_type
     assert worker.metrics.value("plugin_state_writes_total", outcome="rejected") == len(cases)

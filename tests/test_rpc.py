@@ -4,11 +4,8 @@ read-your-writes across workers, expiry, and list paging under concurrent writes
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +22,7 @@ from worker.topology import Names, declare
 
 from .conftest import StartWorker
 from .helpers import delete_cmd, publish, queue_messages, set_cmd, uuid7, wait_until
+from .processes import spawn_worker
 from .rpc import RawRpc
 
 ENCODINGS = [JSON, MSGPACK]
@@ -340,19 +338,6 @@ async def test_get_after_waits_for_the_write_and_sees_it(
     assert reply == {"type": "value", "found": False}
 
 
-def spawn(settings: Settings, roles: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PLUGIN_STATE_DATABASE_URL": settings.database_url,
-        "PLUGIN_STATE_AMQP_URL": settings.amqp_url,
-        "PLUGIN_STATE_PREFIX": settings.prefix,
-        "PLUGIN_STATE_ROLES": roles,
-        "PLUGIN_STATE_BATCH_WAIT_MS": "50",
-        "PLUGIN_STATE_LOG_LEVEL": "warning",
-    }
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env)
-
-
 async def test_read_your_writes_when_one_process_applies_and_another_serves_the_read(
     rpc: RawRpc,
     amqp: aio_pika.abc.AbstractChannel,
@@ -361,7 +346,8 @@ async def test_read_your_writes_when_one_process_applies_and_another_serves_the_
     prefix: str,
 ) -> None:
     await declare(amqp, settings)
-    writer, reader = spawn(settings, "writes"), spawn(settings, "reads")
+    writer = spawn_worker(settings, roles="writes", batch_wait_ms="50")
+    reader = spawn_worker(settings, roles="reads")
     try:
         assert (await rpc.call(plugin_id, get(plugin_id, "warm-up"), timeout=30))["type"] == "value"
         for n in range(20):

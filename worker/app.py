@@ -87,7 +87,7 @@ class Worker:
         self.consumer = CommandConsumer(
             settings=settings,
             queue=self.topology.commands,
-            applier=Applier(self.store),
+            applier=Applier(self.store, settings.authorizer, settings.quota),
             publisher=publisher,
             metrics=self.metrics,
             clock=self.clock,

@@ -16,7 +16,9 @@ import asyncpg
 import structlog
 
 from schemas.errors import Internal, StateError, UnknownPlugin, UnsupportedValue
+from worker.auth import Authorizer
 from worker.model import EntryKey, EntryWrite, Outcome, Write
+from worker.quota import Quota, check_quota
 from worker.store import Store
 
 log = structlog.get_logger(__name__)
@@ -81,20 +83,46 @@ def _classify(exc: Exception, write: Write) -> StateError:
 class Applier:
     """Turns validated writes into outcomes: applied, superseded, or a typed error."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, authorizer: Authorizer, quota: Quota | None = None) -> None:
         self.store = store
+        self.authorizer = authorizer
+        self.quota = quota or Quota()
 
     async def apply(self, writes: Sequence[Write]) -> list[Result]:
         results: list[Result | None] = [None] * len(writes)
-        known = await self.store.known_plugins(list({w.plugin_id for w in writes}))
+        owners = await self.store.plugin_owners(list({w.plugin_id for w in writes}))
         candidates = []
         for index, write in enumerate(writes):
-            if write.plugin_id in known:
+            refused = self.authorizer.check(write.caller, write.plugin_id, owners, "cmd")
+            if refused is None:
                 candidates.append(index)
             else:
-                results[index] = UnknownPlugin(f"plugin {write.plugin_id} is not registered")
+                results[index] = refused
+        if self.quota.enabled and candidates:
+            candidates = await self._within_quota(writes, candidates, results)
         await self._apply(writes, candidates, results)
         return [r if r is not None else Internal("write was not applied") for r in results]
+
+    async def _within_quota(
+        self, writes: Sequence[Write], indices: list[int], results: list[Result | None]
+    ) -> list[int]:
+        chosen = [writes[i] for i in indices]
+        usage = await self.store.plugin_usage(list({w.plugin_id for w in chosen}))
+        touched = list({e.entry for w in chosen for e in w.entries})
+        lookups = await self.store.lookup_entries([(entry, None) for entry in touched])
+        sizes = {
+            entry: None if lookup.value is None else len(lookup.value.value_json.encode())
+            for entry, lookup in zip(touched, lookups, strict=True)
+        }
+        allowed = []
+        for index, error in zip(
+            indices, check_quota(self.quota, chosen, usage, sizes), strict=True
+        ):
+            if error is None:
+                allowed.append(index)
+            else:
+                results[index] = error
+        return allowed
 
     async def _apply(
         self, writes: Sequence[Write], indices: list[int], results: list[Result | None]

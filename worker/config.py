@@ -14,6 +14,9 @@ from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from worker.auth import Authorizer
+from worker.quota import Quota
+
 ENV_PREFIX: Final = "PLUGIN_STATE_"
 
 
@@ -37,6 +40,12 @@ class Settings:
     """Shared prefix of every exchange and queue name."""
     trusted_users: frozenset[str] = field(default_factory=frozenset)
     """RabbitMQ users that may act for every plugin (comma-separated)."""
+    auth_mode: str = "strict"
+    """`strict`: every message must carry a user_id; `permissive`: one without is allowed."""
+    quota_entries: int = 0
+    """Most entries per plugin; 0 means no quota."""
+    quota_bytes: int = 0
+    """Most bytes of values' JSON text per plugin; 0 means no quota."""
 
     roles: frozenset[str] = frozenset({"writes", "reads"})
     """What this worker serves: `writes` (the commands queue), `reads` (the rpc queue), or both."""
@@ -81,6 +90,16 @@ class Settings:
         return self.prefetch or 2 * self.batch_size
 
     @property
+    def authorizer(self) -> Authorizer:
+        return Authorizer(
+            self.trusted_users, "strict" if self.auth_mode == "strict" else "permissive"
+        )
+
+    @property
+    def quota(self) -> Quota:
+        return Quota(self.quota_entries, self.quota_bytes)
+
+    @property
     def retention(self) -> timedelta:
         return timedelta(seconds=self.retention_seconds)
 
@@ -121,6 +140,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")
+        if self.auth_mode not in ("strict", "permissive"):
+            raise ConfigError(f"{_env_name('auth_mode')} must be strict or permissive")
+        if self.quota_entries < 0 or self.quota_bytes < 0:
+            raise ConfigError("quotas cannot be negative (0 means no quota)")
         if self.batch_wait_ms < 0 or self.prefetch < 0 or self.future_skew_seconds < 0:
             raise ConfigError("batch wait, prefetch and future skew cannot be negative")
         if self.prefetch and self.prefetch < self.batch_size:

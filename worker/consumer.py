@@ -27,6 +27,7 @@ from schemas.codec import JSON, Codec, codec_for
 from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
 from worker.applier import Applier, Result
+from worker.auth import Caller
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.model import Write
@@ -182,7 +183,8 @@ class CommandConsumer:
                 # A JSON body without a \u0000 escape cannot hold NaN, Infinity or U+0000
                 # after decoding succeeded, so its value need not be walked.
                 scan = codec.content_type != JSON or b"\\u0000" in message.body
-                write = validate_write(command, now_ms, self.rules, scan_values=scan)
+                caller = Caller(message.user_id, message.routing_key or "")
+                write = validate_write(command, now_ms, self.rules, caller, scan_values=scan)
             except StateError as exc:
                 results.append(exc)
                 ids.append(None)

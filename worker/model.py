@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from worker.auth import Caller
+
 Outcome = Literal["applied", "superseded"]
 
 
@@ -34,8 +36,10 @@ class EntryWrite:
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """A validated write command: its id and the entry writes it makes, in op order."""
+    """A validated write command: its id, who sent it, and the entry writes it makes, in
+    op order."""
 
     id: uuid.UUID
     plugin_id: uuid.UUID
     entries: tuple[EntryWrite, ...]
+    caller: Caller

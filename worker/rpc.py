@@ -30,7 +30,6 @@ from schemas.errors import (
     InvalidMessage,
     InvalidRequest,
     StateError,
-    UnknownPlugin,
     WritePending,
 )
 from schemas.messages import (
@@ -45,6 +44,7 @@ from schemas.messages import (
     ValueReply,
     ValuesReply,
 )
+from worker.auth import Caller
 from worker.commits import CommitSignal
 from worker.config import Settings
 from worker.metrics import Metrics
@@ -68,6 +68,7 @@ class _Call:
     message: AbstractIncomingMessage
     codec: Codec
     request: ReadRequest
+    caller: Caller
     received: float
     deadline: float
     wanted: list[tuple[EntryKey, uuid.UUID | None]] = field(default_factory=list)
@@ -221,17 +222,17 @@ class RpcServer:
         if not calls:
             return
         try:
-            known = await self.store.known_plugins(list({c.request.plugin_id for c in calls}))
+            owners = await self.store.plugin_owners(list({c.request.plugin_id for c in calls}))
         except DATABASE_FAILURES as exc:
             await self._fail_all(calls, exc)
             return
         lookups: list[_Call] = []
         lists: list[_Call] = []
+        authorizer = self.settings.authorizer
         for call in calls:
-            if call.request.plugin_id not in known:
-                await self._answer_error(
-                    call, UnknownPlugin(f"plugin {call.request.plugin_id} is not registered")
-                )
+            refused = authorizer.check(call.caller, call.request.plugin_id, owners, "rpc")
+            if refused is not None:
+                await self._answer_error(call, refused)
             elif isinstance(call.request, ListRequest):
                 lists.append(call)
             else:
@@ -265,7 +266,8 @@ class RpcServer:
         wait = MAX_WAIT_SECONDS if expiration is None else min(expiration, MAX_WAIT_SECONDS)
         try:
             request = codec.decode_read(message.body)
-            call = _Call(message, codec, request, received, received + wait)
+            caller = Caller(message.user_id, message.routing_key or "")
+            call = _Call(message, codec, request, caller, received, received + wait)
             if isinstance(request, ListRequest):
                 if request.scope_kind == "instance" and request.scope_id is not None:
                     raise InvalidRequest("scope_id must be null for scope_kind 'instance'")

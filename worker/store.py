@@ -123,9 +123,15 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def known_plugins(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        rows = await self.pool.fetch(QUERIES["known_plugins"], list(ids))
-        return {row["id"] for row in rows}
+    async def plugin_owners(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str | None]:
+        """The registered plugins among ``ids``, each with its ``amqp_user``."""
+        rows = await self.pool.fetch(QUERIES["plugin_owners"], list(ids))
+        return {row["id"]: row["amqp_user"] for row in rows}
+
+    async def plugin_usage(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
+        """(entries, bytes) stored per plugin; plugins without state are left out."""
+        rows = await self.pool.fetch(QUERIES["plugin_usage"], list(ids))
+        return {row["plugin_id"]: (row["entries"], row["bytes"]) for row in rows}
 
     async def apply_entries(self, entries: Sequence[EntryWrite]) -> set[EntryKey]:
         """Apply entry writes (each entry at most once) in one transaction.

@@ -14,6 +14,7 @@ import msgspec
 
 from schemas.errors import InvalidRequest, Stale, UnsupportedValue, ValueTooLarge
 from schemas.messages import BatchCommand, BatchDelete, SetCommand, WriteCommand
+from worker.auth import Caller
 from worker.config import Settings
 from worker.model import EntryKey, EntryWrite, Write
 
@@ -116,7 +117,12 @@ def _check_storable(value: Any) -> None:
 
 
 def validate_write(
-    command: WriteCommand, now_ms: int, rules: Rules, *, scan_values: bool = True
+    command: WriteCommand,
+    now_ms: int,
+    rules: Rules,
+    caller: Caller,
+    *,
+    scan_values: bool = True,
 ) -> Write:
     """Turn a decoded write command into the entry writes it makes, or raise its error."""
     check_write_id(command.id, now_ms, rules)
@@ -147,4 +153,4 @@ def validate_write(
             else None
         )
         entries.append(EntryWrite(key, version, value_json))
-    return Write(id=version, plugin_id=plugin_id, entries=tuple(entries))
+    return Write(id=version, plugin_id=plugin_id, entries=tuple(entries), caller=caller)

@@ -7,9 +7,16 @@ SELECT current_setting('server_version_num')::int;
 -- name: ping
 SELECT 1;
 
--- name: known_plugins
--- Which of these plugin ids are registered.
-SELECT id FROM plugins WHERE id = ANY($1::uuid[]);
+-- name: plugin_owners
+-- Which of these plugin ids are registered, and the RabbitMQ user each belongs to.
+SELECT id, amqp_user FROM plugins WHERE id = ANY($1::uuid[]);
+
+-- name: plugin_usage
+-- Entries and stored bytes (of the values' JSON text) per plugin, for quotas.
+SELECT plugin_id, count(*) AS entries, coalesce(sum(octet_length(value_json::text)), 0) AS bytes
+FROM plugin_state
+WHERE plugin_id = ANY($1::uuid[])
+GROUP BY plugin_id;
 
 -- name: claim_versions
 -- Last-writer-wins, decided per entry in the version register. The upsert locks each

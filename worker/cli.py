@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from worker import logs
+from worker import logs, state_commands
 from worker.app import Worker
 from worker.config import ConfigError, Settings
 from worker.migrate import MigrationError, migrate
@@ -177,6 +177,9 @@ def plugins_remove(settings: Settings, plugin: str, purge: bool) -> None:
         return f"removed plugin {row.plugin_key} ({row.id}) and {removed} entries"
 
     click.echo(run_async(_with_store(settings, action)))
+
+
+state_commands.register(main)
 
 
 if __name__ == "__main__":

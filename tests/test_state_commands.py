@@ -1,0 +1,160 @@
+"""The operator commands end to end: CliRunner, through a running worker, over AMQP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from click.testing import CliRunner, Result
+
+from worker.cli import main
+from worker.config import Settings
+from worker.state_commands import register
+
+from .conftest import StartWorker
+from .helpers import state_of, wait_until
+
+register(main)
+
+Invoke = Callable[..., Awaitable[Result]]
+
+
+@pytest.fixture
+def invoke(settings: Settings, plugin_id: uuid.UUID) -> Invoke:
+    """Run ``plugin-state-worker COMMAND --plugin <this test's plugin> ARGS`` in a thread:
+    the command runs its own event loop."""
+
+    async def run(command: str, *args: str, plugin: uuid.UUID = plugin_id) -> Result:
+        argv = [
+            "--amqp-url",
+            settings.amqp_url,
+            "--prefix",
+            settings.prefix,
+            "--log-level",
+            "warning",
+            command,
+            "--plugin",
+            str(plugin),
+            *args,
+        ]
+        return await asyncio.to_thread(CliRunner().invoke, main, argv)
+
+    return run
+
+
+def output(result: Result) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+async def test_set_then_get_prints_the_entry(start_worker: StartWorker, invoke: Invoke) -> None:
+    await start_worker()
+    written = await invoke("set", "--scope", "issue:ISS-42", "cursor", '{"page": 3}', "--wait")
+    assert written.exit_code == 0, written.output
+    [write] = output(written)
+    assert write["applied"] is True
+
+    got = await invoke("get", "--scope", "issue:ISS-42", "cursor")
+    assert got.exit_code == 0, got.output
+    [entry] = output(got)
+    assert entry["found"] is True
+    assert entry["value"] == {"page": 3}
+    assert entry["version"] == write["id"]
+    assert (entry["scope_kind"], entry["scope_id"], entry["namespace"], entry["key"]) == (
+        "issue",
+        "ISS-42",
+        "default",
+        "cursor",
+    )
+
+
+async def test_set_without_wait_prints_the_id_once_queued(
+    start_worker: StartWorker, invoke: Invoke, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    result = await invoke("set", "--scope", "instance", "--namespace", "auth", "token", '"abc"')
+    assert result.exit_code == 0, result.output
+    [write] = output(result)
+    assert uuid.UUID(write["id"]).version == 7
+    assert "applied" not in write
+
+    # Each command is its own client: a later `get` has no write to wait for, so wait here.
+    async def stored() -> bool:
+        return await state_of(db, plugin_id) == {("instance", None, "auth", "token"): "abc"}
+
+    await wait_until(stored, what="the set to be applied")
+    got = await invoke("get", "--scope", "instance", "--namespace", "auth", "token")
+    assert output(got)[0]["value"] == "abc"
+
+
+async def test_get_of_a_missing_entry_prints_found_false_and_exits_1(
+    start_worker: StartWorker, invoke: Invoke
+) -> None:
+    await start_worker()
+    result = await invoke("get", "--scope", "instance", "nothing-here")
+    assert result.exit_code == 1
+    assert output(result) == [{"found": False}]
+
+
+async def test_delete_removes_the_entry(
+    start_worker: StartWorker, invoke: Invoke, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    await invoke("set", "--scope", "run:r-1", "k", "null", "--wait")
+    assert await state_of(db, plugin_id) == {("run", "r-1", "default", "k"): None}
+    deleted = await invoke("delete", "--scope", "run:r-1", "k", "--wait")
+    assert deleted.exit_code == 0, deleted.output
+    assert output(deleted)[0]["applied"] is True
+    assert await state_of(db, plugin_id) == {}
+
+
+async def test_list_prints_one_line_per_entry_across_pages(
+    start_worker: StartWorker, invoke: Invoke
+) -> None:
+    await start_worker()
+    for scope, key in [("issue:ISS-1", "a"), ("issue:ISS-1", "b"), ("issue:ISS-2", "a")]:
+        await invoke("set", "--scope", scope, key, json.dumps(key), "--wait")
+    await invoke("set", "--scope", "instance", "--namespace", "ns", "x", "1", "--wait")
+
+    every = await invoke("list", "--page-size", "1")
+    assert every.exit_code == 0, every.output
+    assert [(e["scope_kind"], e["scope_id"], e["key"]) for e in output(every)] == [
+        ("instance", None, "x"),
+        ("issue", "ISS-1", "a"),
+        ("issue", "ISS-1", "b"),
+        ("issue", "ISS-2", "a"),
+    ]
+    of_kind = await invoke("list", "--scope", "issue", "--prefix", "a")
+    assert [e["scope_id"] for e in output(of_kind)] == ["ISS-1", "ISS-2"]
+    of_scope = await invoke("list", "--scope", "issue:ISS-1")
+    assert [e["key"] for e in output(of_scope)] == ["a", "b"]
+    of_namespace = await invoke("list", "--namespace", "ns")
+    assert [e["value"] for e in output(of_namespace)] == [1]
+
+
+async def test_errors_exit_2_with_the_typed_reason(
+    start_worker: StartWorker, invoke: Invoke
+) -> None:
+    await start_worker()
+    invalid = await invoke("get", "--scope", "instance", "__proto__")
+    assert invalid.exit_code == 2
+    assert "invalid_request" in invalid.output
+
+    unknown = await invoke("set", "--scope", "instance", "k", "1", "--wait", plugin=uuid.uuid4())
+    assert unknown.exit_code == 2
+    assert "unknown_plugin" in unknown.output
+
+
+async def test_bad_arguments_are_usage_errors(invoke: Invoke) -> None:
+    not_json = await invoke("set", "--scope", "instance", "k", "not json")
+    assert not_json.exit_code == 2
+    assert "not a JSON value" in not_json.output
+    bad_scope = await invoke("get", "--scope", "planet:mars", "k")
+    assert bad_scope.exit_code == 2
+    assert "unknown scope kind" in bad_scope.output
+    no_id = await invoke("get", "--scope", "issue", "k")
+    assert no_id.exit_code == 2

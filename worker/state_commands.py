@@ -1,0 +1,252 @@
+"""Operator commands that read and write a plugin's state through the worker, as a plugin
+would: ``get``, ``set``, ``delete`` and ``list`` of ``plugin-state-worker``.
+
+They talk AMQP with ``worker.client.StateClient`` (never Postgres), using the AMQP URL and
+prefix of the global settings. Output is JSON on stdout, one object per line. Exit codes
+follow grep: 0 done (``get``: found), 1 ``get`` found nothing, 2 an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from schemas.errors import StateError
+from schemas.messages import DEFAULT_NAMESPACE, MAX_LIST_LIMIT, SCOPE_KINDS, ScopeKind
+from worker.client import ClientError, Entry, Scope, StateClient
+from worker.config import Settings
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_NOT_FOUND = 1
+
+
+class CommandFailed(click.ClickException):
+    """The worker answered an error, or the broker could not be reached in time."""
+
+    exit_code = 2
+
+
+def _parse_scope(kind_alone: bool) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """``instance`` or ``KIND:ID``; with ``kind_alone``, a bare ``KIND`` too (a filter)."""
+
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+        if value is None or (kind_alone and value in SCOPE_KINDS and value != "instance"):
+            return value
+        try:
+            return Scope.parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return parse
+
+
+def _parse_json(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
+    try:
+        return msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        raise click.BadParameter(f"not a JSON value ({exc}); quote strings: '\"text\"'") from None
+
+
+def _common(scope_required: bool) -> Callable[[F], F]:
+    """--plugin, --scope, --namespace and --timeout, as every command takes them."""
+
+    def decorate(command: F) -> F:
+        for option in reversed(
+            [
+                click.option("--plugin", type=click.UUID, required=True, help="Plugin id."),
+                click.option(
+                    "--scope",
+                    callback=_parse_scope(kind_alone=not scope_required),
+                    required=scope_required,
+                    help="instance or KIND:ID, e.g. issue:ISS-42"
+                    + ("" if scope_required else " (or KIND alone); default: every scope"),
+                ),
+                click.option(
+                    "--namespace",
+                    default=DEFAULT_NAMESPACE if scope_required else None,
+                    show_default=scope_required,
+                    help="Namespace" + ("." if scope_required else "; default: every one."),
+                ),
+                click.option(
+                    "--timeout", type=float, default=5.0, show_default=True, help="Seconds."
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _wait_option(command: F) -> F:
+    return click.option(
+        "--wait", is_flag=True, help="Return once the worker applied it, not once queued."
+    )(command)
+
+
+@asynccontextmanager
+async def _client(
+    settings: Settings, plugin: uuid.UUID, timeout: float
+) -> AsyncIterator[StateClient]:
+    async with StateClient(
+        settings.amqp_url, plugin, prefix=settings.prefix, timeout=timeout, remember=0
+    ) as client:
+        yield client
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; the contract's and the client's errors exit 2."""
+    try:
+        return asyncio.run(coro)
+    except (StateError, ClientError) as exc:
+        raise CommandFailed(f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise CommandFailed(f"cannot reach RabbitMQ: {exc}") from None
+
+
+def _entry_json(entry: Entry, **extra: Any) -> str:
+    return msgspec.json.encode(
+        {
+            **extra,
+            "scope_kind": entry.scope.kind,
+            "scope_id": entry.scope.id,
+            "namespace": entry.namespace,
+            "key": entry.key,
+            "value": entry.value,
+            "version": entry.version,
+            "updated_at": entry.updated_at,
+        }
+    ).decode()
+
+
+def _written_json(write_id: uuid.UUID, wait: bool) -> str:
+    return msgspec.json.encode({"id": write_id, **({"applied": True} if wait else {})}).decode()
+
+
+@click.command("get")
+@_common(scope_required=True)
+@click.argument("key")
+@click.pass_obj
+def get_command(
+    settings: Settings, plugin: uuid.UUID, scope: Scope, namespace: str, timeout: float, key: str
+) -> None:
+    """Print the entry KEY as JSON: {"found": true, ..., "value": ...}.
+
+    A missing entry prints {"found": false} and exits 1; an error exits 2.
+    """
+
+    async def read() -> Entry | None:
+        async with _client(settings, plugin, timeout) as client:
+            return await client.get(scope, key, namespace=namespace)
+
+    entry = _run(read())
+    if entry is None:
+        click.echo('{"found":false}')
+        click.get_current_context().exit(EXIT_NOT_FOUND)
+    click.echo(_entry_json(entry, found=True))
+
+
+@click.command("set")
+@_common(scope_required=True)
+@_wait_option
+@click.argument("key")
+@click.argument("value", metavar="JSON_VALUE", callback=_parse_json)
+@click.pass_obj
+def set_command(
+    settings: Settings,
+    plugin: uuid.UUID,
+    scope: Scope,
+    namespace: str,
+    timeout: float,
+    wait: bool,
+    key: str,
+    value: Any,
+) -> None:
+    """Store JSON_VALUE (any JSON: '{"page": 3}', '"text"', 'null') at KEY.
+
+    Prints {"id": WRITE_ID} once the broker has the write queued (a `get` right after
+    may not see it yet), or with --wait {"id": WRITE_ID, "applied": true} once the worker
+    applied it. An error exits 2.
+    """
+
+    async def write() -> uuid.UUID:
+        async with _client(settings, plugin, timeout) as client:
+            return await client.set(scope, key, value, namespace=namespace, wait=wait)
+
+    click.echo(_written_json(_run(write()), wait))
+
+
+@click.command("delete")
+@_common(scope_required=True)
+@_wait_option
+@click.argument("key")
+@click.pass_obj
+def delete_command(
+    settings: Settings,
+    plugin: uuid.UUID,
+    scope: Scope,
+    namespace: str,
+    timeout: float,
+    wait: bool,
+    key: str,
+) -> None:
+    """Delete the entry KEY. Prints {"id": WRITE_ID} (with --wait, "applied": true too);
+    an error exits 2."""
+
+    async def write() -> uuid.UUID:
+        async with _client(settings, plugin, timeout) as client:
+            return await client.delete(scope, key, namespace=namespace, wait=wait)
+
+    click.echo(_written_json(_run(write()), wait))
+
+
+@click.command("list")
+@_common(scope_required=False)
+@click.option("--prefix", "key_prefix", default="", help="Only keys starting with this.")
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, MAX_LIST_LIMIT),
+    default=100,
+    show_default=True,
+    help="Entries per request.",
+)
+@click.pass_obj
+def list_command(
+    settings: Settings,
+    plugin: uuid.UUID,
+    scope: Scope | ScopeKind | None,
+    namespace: str | None,
+    timeout: float,
+    key_prefix: str,
+    page_size: int,
+) -> None:
+    """Print the plugin's entries, one JSON object per line, in (scope kind, scope id,
+    namespace, key) order. --scope KIND alone lists every scope of that kind. An error
+    exits 2 (after the lines already printed)."""
+
+    async def read() -> None:
+        async with _client(settings, plugin, timeout) as client:
+            async for entry in client.list(
+                scope, namespace=namespace, prefix=key_prefix, page_size=page_size
+            ):
+                click.echo(_entry_json(entry))
+
+    _run(read())
+
+
+COMMANDS = (get_command, set_command, delete_command, list_command)
+
+
+def register(main: click.Group) -> None:
+    """Add the state commands to ``main`` (again is harmless)."""
+    for command in COMMANDS:
+        if command.name not in main.commands:
+            main.add_command(command)

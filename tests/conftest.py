@@ -8,6 +8,7 @@ tests never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -67,9 +68,9 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-@pytest.fixture
-async def prefix(services: ServiceUrls) -> AsyncIterator[str]:
-    """A topology prefix of this test's own; its exchanges and queues go afterwards."""
+@contextlib.asynccontextmanager
+async def isolated_prefix(services: ServiceUrls) -> AsyncIterator[str]:
+    """A topology prefix of its own; its exchanges and queues are deleted afterwards."""
     name = unique("ps")
     yield name
     names = Names(name)
@@ -80,6 +81,13 @@ async def prefix(services: ServiceUrls) -> AsyncIterator[str]:
             await channel.queue_delete(queue)
         for exchange in (names.exchange, names.dead):
             await channel.exchange_delete(exchange)
+
+
+@pytest.fixture
+async def prefix(services: ServiceUrls) -> AsyncIterator[str]:
+    """A topology prefix of this test's own."""
+    async with isolated_prefix(services) as name:
+        yield name
 
 
 @pytest.fixture

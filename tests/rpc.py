@@ -18,10 +18,17 @@ from .helpers import encode
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
+_AS_TEST_USER: Any = object()
+
+
 class RawRpc:
-    def __init__(self, amqp_url: str, prefix: str) -> None:
+    """Calls and publishes as the connection's user; ``user_id`` is what messages carry
+    (the test user by default, None for none, anything else to try forging it)."""
+
+    def __init__(self, amqp_url: str, prefix: str, user_id: str | None = _AS_TEST_USER) -> None:
         self.amqp_url = amqp_url
         self.prefix = prefix
+        self.user_id = helpers.PUBLISHER if user_id is _AS_TEST_USER else user_id
         self._futures: dict[str, asyncio.Future[aio_pika.abc.AbstractIncomingMessage]] = {}
 
     async def __aenter__(self) -> RawRpc:
@@ -53,6 +60,7 @@ class RawRpc:
         content_type: str | None = JSON,
         expiration: float | None = None,
         reply: bool = True,
+        kind: str = "rpc",
     ) -> asyncio.Future[aio_pika.abc.AbstractIncomingMessage]:
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
@@ -66,9 +74,9 @@ class RawRpc:
                 correlation_id=correlation_id,
                 reply_to=DIRECT_REPLY_TO if reply else None,
                 expiration=expiration,
-                user_id=helpers.PUBLISHER,
+                user_id=self.user_id,
             ),
-            routing_key=f"rpc.{plugin_id}",
+            routing_key=f"{kind}.{plugin_id}",
         )
         return future
 
@@ -80,8 +88,12 @@ class RawRpc:
         content_type: str | None = JSON,
         expiration: float | None = None,
         timeout: float = 10.0,
+        kind: str = "rpc",
     ) -> dict[str, Any]:
-        future = await self.send(plugin_id, body, content_type=content_type, expiration=expiration)
+        """Send and wait for the reply (a write with ``kind="cmd"`` gets one after commit)."""
+        future = await self.send(
+            plugin_id, body, content_type=content_type, expiration=expiration, kind=kind
+        )
         message = await asyncio.wait_for(future, timeout)
         assert message.content_type == (content_type if content_type == MSGPACK else JSON)
         decoded: dict[str, Any] = (

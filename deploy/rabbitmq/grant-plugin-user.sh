@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Least privilege for one plugin's RabbitMQ user: it may publish to the state exchange,
+# only with the routing keys cmd.<its plugin id> and rpc.<its plugin id>, and consume its
+# RPC replies through direct reply-to. It can configure nothing and read no queue.
+#
+#   grant-plugin-user.sh USER PLUGIN_ID [PREFIX] [VHOST]
+#
+# Create the user first (rabbitmqctl add_user USER PASSWORD) and map it to the plugin
+# (plugin-state-worker plugins add --key KEY --amqp-user USER).
+set -euo pipefail
+user=${1:?usage: grant-plugin-user.sh USER PLUGIN_ID [PREFIX] [VHOST]}
+plugin=${2:?usage: grant-plugin-user.sh USER PLUGIN_ID [PREFIX] [VHOST]}
+prefix=${3:-plugin_state}
+vhost=${4:-/}
+# Dots in the prefix are literal in the patterns.
+exchange="^${prefix//./\\.}\$"
+plugin_re="${plugin//./\\.}"
+
+rabbitmqctl -q set_permissions -p "$vhost" "$user" '^$' "$exchange" '^$'
+rabbitmqctl -q set_topic_permissions -p "$vhost" "$user" "$prefix" \
+    "^(cmd|rpc)\\.${plugin_re}\$" '^$'

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Final, Literal
 
+import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from schemas.errors import ErrorCode
@@ -67,6 +68,10 @@ WriteId = Annotated[
     Meta(description="UUIDv7 made by the publisher: idempotency key and version of the write"),
 ]
 JsonValue = Annotated[Any, Meta(description="any JSON value, null included")]
+# Written values stay undecoded: a JSON value is stored exactly as sent (jsonb keeps
+# numbers such as 1e-999 or 0.1000000000000000055511 that a float would alter), and no
+# intermediate objects are built on the hot path. MessagePack values are converted.
+WrittenValue = Annotated[msgspec.Raw, Meta(description="any JSON value, null included")]
 # A string, not a datetime: MessagePack would otherwise carry a timestamp extension, and the
 # contract says RFC 3339 in both encodings.
 Timestamp = Annotated[
@@ -90,7 +95,7 @@ class SetCommand(_Wire, tag="set", tag_field="op", kw_only=True):
     scope_id: Name | None = None
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
-    value: JsonValue
+    value: WrittenValue
 
 
 class DeleteCommand(_Wire, tag="delete", tag_field="op", kw_only=True):
@@ -111,7 +116,7 @@ class BatchSet(_Wire, tag="set", tag_field="op", kw_only=True):
     scope_id: Name | None = None
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
-    value: JsonValue
+    value: WrittenValue
 
 
 class BatchDelete(_Wire, tag="delete", tag_field="op", kw_only=True):

@@ -180,11 +180,9 @@ class CommandConsumer:
             try:
                 codec = codec_for(message.content_type)
                 command = codec.decode_write(message.body)
-                # A JSON body without a \u0000 escape cannot hold NaN, Infinity or U+0000
-                # after decoding succeeded, so its value need not be walked.
-                scan = codec.content_type != JSON or b"\\u0000" in message.body
                 caller = Caller(message.user_id, message.routing_key or "")
-                write = validate_write(command, now_ms, self.rules, caller, scan_values=scan)
+                msgpack = codec.content_type != JSON
+                write = validate_write(command, now_ms, self.rules, caller, msgpack=msgpack)
             except StateError as exc:
                 results.append(exc)
                 ids.append(None)

@@ -406,7 +406,15 @@ class RpcServer:
     async def _reply(self, message: AbstractIncomingMessage, codec: Codec, reply: Reply) -> None:
         assert message.reply_to is not None
         try:
-            await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
+            try:
+                await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
+            except (msgspec.EncodeError, OverflowError) as exc:
+                # jsonb holds numbers MessagePack cannot (integers past 64 bits).
+                refused = ErrorReply(
+                    code="unsupported_value",
+                    message=f"the value cannot be sent as {codec.name} ({exc}); read it as JSON",
+                )
+                await self.publisher.reply(message.reply_to, message.correlation_id, refused, codec)
         except BROKER_FAILURES as exc:
             # The request stays unacked and comes back to some worker with the connection.
             log.info("rpc_reply_failed", error=repr(exc))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from schemas.errors import InvalidRequest, Stale, UnsupportedValue, ValueTooLarge
+from schemas.errors import InvalidMessage, InvalidRequest, Stale, UnsupportedValue, ValueTooLarge
 from schemas.messages import BatchCommand, BatchDelete, SetCommand, WriteCommand
 from worker.auth import Caller
 from worker.config import Settings
@@ -74,20 +75,39 @@ def check_scope(scope_kind: str, scope_id: str | None) -> None:
         raise InvalidRequest(f"scope_id is required for scope_kind {scope_kind!r}")
 
 
-def encode_value(value: Any, rules: Rules, *, scan: bool = True) -> str:
-    """The value as JSON text for ``jsonb``, or the error that keeps it out.
+def encode_value(value: msgspec.Raw, rules: Rules, *, msgpack: bool = False) -> str:
+    """The written value as JSON text for ``jsonb``, or the error that keeps it out.
 
-    ``scan`` walks the value for what jsonb cannot hold. A caller may skip it only when
-    decoding already ruled all of it out (a JSON body without a ``\\u0000`` escape).
+    A JSON value is kept exactly as sent, only checked: it is walked (decoded) only when it
+    holds a ``\\u0000`` escape, the one thing in well-formed JSON that jsonb cannot store.
+    A MessagePack value is decoded, checked for what JSON cannot hold, and re-encoded.
     """
-    if scan:
-        _check_storable(value)
-    encoded = _json_encoder.encode(value)
+    raw = bytes(value)
+    if msgpack:
+        decoded = _decode_or_refuse(msgspec.msgpack.decode, raw)
+        _check_storable(decoded)
+        encoded = _json_encoder.encode(decoded)
+    else:
+        if b"\\u0000" in raw:
+            _check_storable(_decode_or_refuse(msgspec.json.decode, raw))
+        encoded = raw
     if len(encoded) > rules.value_max_bytes:
         raise ValueTooLarge(
             f"value is {len(encoded)} bytes of JSON; the limit is {rules.value_max_bytes}"
         )
-    return encoded.decode()
+    try:
+        return encoded.decode()
+    except UnicodeDecodeError:
+        raise InvalidMessage("value holds a string that is not valid UTF-8") from None
+
+
+def _decode_or_refuse(decode: Callable[[bytes], Any], raw: bytes) -> Any:
+    try:
+        return decode(raw)
+    except RecursionError:
+        raise UnsupportedValue("value nests too deeply (the limit is about 1000 levels)") from None
+    except UnicodeDecodeError:
+        raise InvalidMessage("value holds a string that is not valid UTF-8") from None
 
 
 def _check_storable(value: Any) -> None:
@@ -122,7 +142,7 @@ def validate_write(
     rules: Rules,
     caller: Caller,
     *,
-    scan_values: bool = True,
+    msgpack: bool = False,
 ) -> Write:
     """Turn a decoded write command into the entry writes it makes, or raise its error."""
     check_write_id(command.id, now_ms, rules)
@@ -136,7 +156,7 @@ def validate_write(
                 value_json = (
                     None
                     if isinstance(op, BatchDelete)
-                    else encode_value(op.value, rules, scan=scan_values)
+                    else encode_value(op.value, rules, msgpack=msgpack)
                 )
             except (InvalidRequest, UnsupportedValue, ValueTooLarge) as exc:
                 raise type(exc)(f"ops[{index}]: {exc.message}") from None
@@ -148,7 +168,7 @@ def validate_write(
             plugin_id, command.scope_kind, command.scope_id, command.namespace, command.key
         )
         value_json = (
-            encode_value(command.value, rules, scan=scan_values)
+            encode_value(command.value, rules, msgpack=msgpack)
             if isinstance(command, SetCommand)
             else None
         )

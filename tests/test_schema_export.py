@@ -1,4 +1,4 @@
-"""The exported JSON Schema files are current and state the contract to other languages.
+"""The exported JSON Schema files and AsyncAPI document are current and state the contract.
 
 ``jsonschema`` is not a dependency, so the schemas' meaning is checked through their
 structure: the tag on ``op``, the required fields, the rules on names.
@@ -9,12 +9,33 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
-from schemas.export import DIALECT, DIRECTORY, render, write
-from schemas.messages import MAX_BATCH_OPS, MAX_NAME_LENGTH, NAME_PATTERN, SCOPE_KINDS
+from schemas.errors import ErrorCode
+from schemas.export import (
+    ASYNCAPI_PATH,
+    DIALECT,
+    DIRECTORY,
+    asyncapi,
+    render,
+    render_asyncapi,
+    write,
+)
+from schemas.messages import (
+    MAX_BATCH_OPS,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    READ_OPS,
+    SCOPE_KINDS,
+    WRITE_OPS,
+    ReadRequest,
+    Reply,
+    WriteCommand,
+)
+from worker.config import Settings
+from worker.topology import Names, commands_queue_arguments
 
 
 def load(name: str) -> dict[str, Any]:
@@ -84,10 +105,14 @@ def test_schema_file_is_a_stable_draft_2020_12_document(file_name: str) -> None:
 
 
 def test_write_replaces_files_no_longer_rendered(tmp_path: Path) -> None:
-    (tmp_path / "renamed-message.schema.json").write_text("{}\n", encoding="utf-8")
-    written = write(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(render())
-    assert all(path.read_text(encoding="utf-8") == render()[path.name] for path in written)
+    directory, asyncapi_path = tmp_path / "json", tmp_path / "asyncapi.json"
+    directory.mkdir()
+    (directory / "renamed-message.schema.json").write_text("{}\n", encoding="utf-8")
+    written = write(directory, asyncapi_path)
+    assert sorted(path.name for path in directory.iterdir()) == sorted(render())
+    expected = {**render(), asyncapi_path.name: render_asyncapi()}
+    assert all(path.read_text(encoding="utf-8") == expected[path.name] for path in written)
+    assert asyncapi_path in written
 
 
 def test_write_command_schema_is_tagged_by_op() -> None:
@@ -189,3 +214,237 @@ def test_combined_schema_names_every_message_kind() -> None:
     ]
     assert document["$defs"]["WriteCommand"]["discriminator"]["propertyName"] == "op"
     assert document["$defs"]["ReadRequest"]["discriminator"]["propertyName"] == "op"
+
+
+# ---------------------------------------------------------------------------- AsyncAPI
+
+NAMES = Names(Settings().prefix)
+REPLY_TYPES = {"value", "values", "page", "applied", "error"}
+
+
+def resolve(document: dict[str, Any], ref: str) -> Any:
+    """The node a local ``$ref`` (a JSON Pointer after ``#``) names; KeyError if none."""
+    assert ref.startswith("#/"), f"{ref} is not a reference within the document"
+    node: Any = document
+    for token in ref.removeprefix("#/").split("/"):
+        node = node[token.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def tags(union: Any) -> set[str]:
+    return {str(struct.__struct_config__.tag) for struct in get_args(union)}
+
+
+def exchange_of(channel: dict[str, Any]) -> str | None:
+    name = channel.get("bindings", {}).get("amqp", {}).get("exchange", {}).get("name")
+    return None if name is None else str(name)
+
+
+def channel_at(document: dict[str, Any], address: str | None) -> dict[str, Any]:
+    """The channel plugins use at ``address`` on the protocol's exchange (None: replies)."""
+    found: dict[str, Any]
+    (found,) = [
+        channel
+        for channel in document["channels"].values()
+        if channel["address"] == address
+        and (address is None or exchange_of(channel) == NAMES.exchange)
+    ]
+    return found
+
+
+def payload_tag(document: dict[str, Any], message_ref: str, tag_field: str) -> str:
+    payload = resolve(document, resolve(document, message_ref)["payload"]["$ref"])
+    (tag,) = payload["properties"][tag_field]["enum"]
+    assert tag_field in payload["required"]
+    return str(tag)
+
+
+def test_asyncapi_document_matches_the_structs() -> None:
+    assert ASYNCAPI_PATH.read_text(encoding="utf-8") == render_asyncapi(), (
+        "schemas/asyncapi.json is stale: run `python -m schemas.export`"
+    )
+
+
+def test_asyncapi_document_is_a_stable_asyncapi_3_0_0_document() -> None:
+    text = render_asyncapi()
+    document = json.loads(text)
+    assert document["asyncapi"] == "3.0.0"
+    assert text == json.dumps(document, indent=2, sort_keys=True) + "\n"
+    assert document["info"]["title"]
+    assert document["info"]["version"]
+    assert document["defaultContentType"] == "application/json"
+    assert set(document) <= {
+        "asyncapi",
+        "id",
+        "info",
+        "servers",
+        "defaultContentType",
+        "channels",
+        "operations",
+        "components",
+    }
+    (server,) = document["servers"].values()
+    assert (server["host"], server["protocol"]) == ("localhost:5672", "amqp")
+
+
+def test_every_ref_in_the_asyncapi_document_resolves_within_it() -> None:
+    document = asyncapi()
+    found = refs(document)
+    assert found
+    unresolved = []
+    for ref in sorted(found):
+        try:
+            resolve(document, ref)
+        except (KeyError, AssertionError):
+            unresolved.append(ref)
+    assert not unresolved
+
+
+@pytest.mark.parametrize(
+    ("address", "kinds", "tag_field"),
+    [
+        (NAMES.command_key("{plugin_id}"), WRITE_OPS, "op"),
+        (NAMES.rpc_key("{plugin_id}"), READ_OPS, "op"),
+        (None, REPLY_TYPES, "type"),
+    ],
+    ids=["writes", "reads", "replies"],
+)
+def test_asyncapi_channel_carries_every_message_kind_of_the_spec(
+    address: str | None, kinds: set[str], tag_field: str
+) -> None:
+    document = asyncapi()
+    channel = channel_at(document, address)
+    found = {
+        name: payload_tag(document, message["$ref"], tag_field)
+        for name, message in channel["messages"].items()
+    }
+    assert set(found.values()) == kinds
+    assert all(name == tag for name, tag in found.items())
+
+
+def test_asyncapi_message_kinds_are_the_tagged_unions() -> None:
+    assert tags(WriteCommand) == WRITE_OPS
+    assert tags(ReadRequest) == READ_OPS
+    assert tags(Reply) == REPLY_TYPES
+
+
+def test_asyncapi_messages_are_json_with_msgpack_noted_and_correlated() -> None:
+    document = asyncapi()
+    messages = document["components"]["messages"]
+    for name, message in messages.items():
+        assert message["contentType"] == "application/json", name
+        if name != "DeadLetter":
+            assert "application/msgpack" in message["description"], name
+            correlation = resolve(document, message["correlationId"]["$ref"])
+            assert correlation["location"] == "$message.header#/correlation_id"
+            headers = resolve(document, message["headers"]["$ref"])
+            assert "correlation_id" in headers["properties"], name
+            assert headers["properties"]["content_type"]["enum"] == [
+                "application/json",
+                "application/msgpack",
+            ]
+
+
+def test_asyncapi_payloads_are_the_exported_json_schema_structs() -> None:
+    """Never hand-written: each payload is the struct of schemas/json/, refs re-pointed."""
+    json_schema_defs = load("plugin-state")["$defs"]
+    schemas = asyncapi()["components"]["schemas"]
+    union_kinds = {"WriteCommand", "ReadRequest", "Reply"}
+    for name, definition in json_schema_defs.items():
+        if name in union_kinds:
+            continue
+        text = json.dumps(definition).replace('"#/$defs/', '"#/components/schemas/')
+        expected = without_discriminator_objects(json.loads(text))
+        assert schemas[name] == expected, name
+
+
+def without_discriminator_objects(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: without_discriminator_objects(value)
+            for key, value in node.items()
+            if not (key == "discriminator" and isinstance(value, dict))
+        }
+    if isinstance(node, list):
+        return [without_discriminator_objects(item) for item in node]
+    return node
+
+
+def test_asyncapi_schemas_use_asyncapi_discriminators_only() -> None:
+    """AsyncAPI's Schema Object makes ``discriminator`` a string; OpenAPI's object is invalid."""
+    assert without_discriminator_objects(asyncapi()) == asyncapi()
+
+
+def test_asyncapi_error_codes_are_an_enum_of_the_contract() -> None:
+    schemas = asyncapi()["components"]["schemas"]
+    codes = sorted(get_args(ErrorCode))
+    assert sorted(schemas["ErrorReply"]["properties"]["code"]["enum"]) == codes
+    assert sorted(schemas["DeadLetterHeaders"]["properties"]["x-reject-code"]["enum"]) == codes
+
+
+def test_asyncapi_operations_send_writes_and_reads_with_replies_to_reply_to() -> None:
+    document = asyncapi()
+    for key, operation in document["operations"].items():
+        channel_ref = operation["channel"]["$ref"]
+        for message in operation["messages"]:
+            assert message["$ref"].startswith(channel_ref + "/messages/"), key
+        if "reply" in operation:
+            reply = operation["reply"]
+            assert reply["address"]["location"] == "$message.header#/reply_to"
+            assert resolve(document, reply["channel"]["$ref"])["address"] is None
+            for message in reply["messages"]:
+                assert message["$ref"].startswith(reply["channel"]["$ref"] + "/messages/")
+    by_address = {
+        resolve(document, operation["channel"]["$ref"])["address"]: operation
+        for operation in document["operations"].values()
+    }
+    write_op = by_address[NAMES.command_key("{plugin_id}")]
+    read_op = by_address[NAMES.rpc_key("{plugin_id}")]
+    assert (write_op["action"], read_op["action"]) == ("send", "send")
+    assert write_op["bindings"]["amqp"]["deliveryMode"] == 2
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in write_op["reply"]["messages"]} == {
+        "applied",
+        "error",
+    }
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in read_op["reply"]["messages"]} == {
+        "value",
+        "values",
+        "page",
+        "error",
+    }
+    read_headers = document["components"]["schemas"]["ReadProperties"]
+    assert {"reply_to", "correlation_id"} <= set(read_headers["required"])
+
+
+def test_asyncapi_bindings_state_the_topology() -> None:
+    document = asyncapi()
+    bindings = {
+        channel["address"]: channel["bindings"]["amqp"]
+        for channel in document["channels"].values()
+        if channel["address"] is not None and channel["address"].startswith(NAMES.prefix)
+    }
+    for key in (NAMES.command_key("{plugin_id}"), NAMES.rpc_key("{plugin_id}")):
+        channel = channel_at(document, key)
+        assert channel["parameters"]["plugin_id"]["$ref"] == "#/components/parameters/plugin_id"
+        exchange = channel["bindings"]["amqp"]["exchange"]
+        assert channel["bindings"]["amqp"]["is"] == "routingKey"
+        assert (exchange["name"], exchange["type"], exchange["durable"]) == (
+            NAMES.exchange,
+            "topic",
+            True,
+        )
+    commands_type = commands_queue_arguments(Settings())["x-queue-type"]
+    assert bindings[NAMES.commands_queue]["x-queue-type"] == commands_type == "quorum"
+    assert bindings[NAMES.dead]["x-queue-type"] == "quorum"
+    assert bindings[NAMES.rpc_queue]["is"] == "queue"
+    for address, binding in bindings.items():
+        assert binding["queue"]["name"] == address
+        assert binding["queue"]["durable"] is True
+    dead_exchanges = [
+        channel["bindings"]["amqp"]["exchange"]
+        for channel in document["channels"].values()
+        if exchange_of(channel) == NAMES.dead
+    ]
+    assert [exchange["type"] for exchange in dead_exchanges] == ["fanout"]
+    dead_headers = document["components"]["schemas"]["DeadLetterHeaders"]["properties"]
+    assert {"x-reject-code", "x-reject-reason", "x-original-routing-key"} <= set(dead_headers)

@@ -21,11 +21,12 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.applier import Applier
+from worker.broker import BROKER_FAILURES
 from worker.commits import CommitSignal, listen_for_commits
 from worker.config import Settings
 from worker.consumer import CommandConsumer
 from worker.metrics import Metrics
-from worker.publish import BROKER_FAILURES, Publisher
+from worker.publish import Publisher
 from worker.retention import run_retention
 from worker.rpc import RpcServer
 from worker.store import DATABASE_FAILURES, Store, create_pool

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from worker import logs, state_commands
+from worker import dead_commands, logs, state_commands
 from worker.app import Worker
 from worker.config import ConfigError, Settings
 from worker.migrate import MigrationError, migrate
@@ -180,6 +180,7 @@ def plugins_remove(settings: Settings, plugin: str, purge: bool) -> None:
 
 
 state_commands.register(main)
+dead_commands.register(main)
 
 
 if __name__ == "__main__":

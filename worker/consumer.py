@@ -28,10 +28,11 @@ from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
 from worker.applier import Applier, Result
 from worker.auth import Caller
+from worker.broker import BROKER_FAILURES, settle_deliveries
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.model import Write
-from worker.publish import BROKER_FAILURES, Publisher
+from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
 from worker.validate import Rules, validate_write
 
@@ -93,6 +94,7 @@ class CommandConsumer:
         self._draining = True
         self._drain_deadline = time.monotonic() + self.settings.drain_timeout_seconds
         await self._unsubscribe()
+        await settle_deliveries()
         self._inbox.put_nowait(_STOP)
 
     @property

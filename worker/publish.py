@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Final
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from schemas.codec import Codec
@@ -18,14 +17,6 @@ from schemas.messages import Reply
 
 PUBLISH_TIMEOUT: Final = 10.0
 
-# What the broker side may raise at a publish, an ack or a cancel: the connection or channel
-# is gone or refused us. Callers keep their work unacked, so it comes back.
-BROKER_FAILURES: Final = (
-    aio_pika.exceptions.AMQPError,
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    TimeoutError,
-)
 # Long reasons (a msgspec path into a huge batch) are cut so the header stays small.
 _MAX_REASON: Final = 1000
 
@@ -59,6 +50,8 @@ class Publisher:
     async def dead_letter(self, message: AbstractIncomingMessage, error: StateError) -> None:
         """Republish a rejected message, body and properties intact, with its reason."""
         headers = dict(message.headers or {})
+        # The commands queue's own count, not the message's: the dead queue keeps its own.
+        headers.pop("x-delivery-count", None)
         headers["x-reject-code"] = error.code
         headers["x-reject-reason"] = error.message[:_MAX_REASON]
         headers["x-original-routing-key"] = message.routing_key or ""
@@ -77,6 +70,8 @@ class Publisher:
             timestamp=message.timestamp,
             type=message.type,
             app_id=message.app_id,
+            priority=message.priority,
+            # Not the expiration: a dead letter stays until an operator replays or purges it.
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self.dead_exchange.publish(

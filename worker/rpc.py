@@ -45,11 +45,12 @@ from schemas.messages import (
     ValuesReply,
 )
 from worker.auth import Caller
+from worker.broker import BROKER_FAILURES, settle_deliveries
 from worker.commits import CommitSignal
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.model import EntryKey
-from worker.publish import BROKER_FAILURES, Publisher
+from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES, ListPosition, Lookup, Store, StoredValue
 from worker.validate import check_scope
 
@@ -189,6 +190,7 @@ class RpcServer:
                 await self.queue.cancel(tag)
             except BROKER_FAILURES as exc:
                 log.info("rpc_unsubscribe_failed", error=repr(exc))
+        await settle_deliveries()
         self._inbox.put_nowait(_STOP)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

@@ -97,6 +97,7 @@ def settings(services: ServiceUrls, database_url: str, prefix: str) -> Settings:
         amqp_url=services.amqp_url,
         prefix=prefix,
         trusted_users=frozenset({helpers.PUBLISHER}),
+        http_port=0,  # several workers per test run: let each pick a free port
         batch_wait_ms=5,
         retry_initial_seconds=0.05,
         retry_max_seconds=0.5,

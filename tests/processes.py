@@ -21,6 +21,7 @@ def spawn_worker(settings: Settings, **overrides: str) -> subprocess.Popen[bytes
         "PLUGIN_STATE_PREFIX": settings.prefix,
         "PLUGIN_STATE_TRUSTED_USERS": ",".join(sorted(settings.trusted_users)),
         "PLUGIN_STATE_LOG_LEVEL": "warning",
+        "PLUGIN_STATE_HTTP_PORT": "0",
         **{f"PLUGIN_STATE_{name.upper()}": value for name, value in overrides.items()},
     }
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env)

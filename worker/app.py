@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import aio_pika
 import structlog
@@ -25,6 +25,7 @@ from worker.broker import BROKER_FAILURES
 from worker.commits import CommitSignal, listen_for_commits
 from worker.config import Settings
 from worker.consumer import CommandConsumer
+from worker.health import HealthServer
 from worker.metrics import Metrics
 from worker.publish import Publisher
 from worker.retention import run_retention
@@ -35,6 +36,9 @@ from worker.topology import Names, Topology, declare
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+_WATCH_INTERVAL: Final = 2.0
+_PING_TIMEOUT: Final = 2.0
 
 
 class Worker:
@@ -50,6 +54,10 @@ class Worker:
         self.consumer: CommandConsumer | None = None
         self.rpc: RpcServer | None = None
         self.commits = CommitSignal()
+        self.database_ok = False
+        self.health = HealthServer(
+            self.metrics.registry, self.readiness, settings.http_host, settings.http_port
+        )
 
     @property
     def connection_name(self) -> str:
@@ -60,6 +68,8 @@ class Worker:
     async def start(self) -> None:
         settings = self.settings
         log.info("worker_starting", **settings.redacted())
+        # Up first, so /healthz answers (and /readyz says why not) while services are awaited.
+        await self.health.start()
         pool = await self._until_up(
             "postgres",
             lambda: create_pool(
@@ -67,6 +77,7 @@ class Worker:
             ),
         )
         self.store = Store(pool)
+        self.database_ok = True
         self.connection = await self._until_up(
             "rabbitmq",
             lambda: aio_pika.connect_robust(
@@ -119,6 +130,7 @@ class Worker:
                 group.create_task(
                     run_retention(self.store, settings, self.clock), name="retention"
                 ),
+                group.create_task(self._watch_database(), name="database-watch"),
                 group.create_task(
                     listen_for_commits(
                         settings.database_url,
@@ -139,11 +151,44 @@ class Worker:
     def request_stop(self) -> None:
         self.stopping.set()
 
+    def readiness(self) -> dict[str, bool]:
+        """What /readyz reports: ready only when every value is true."""
+        roles = self.settings.roles
+        broker = self.connection is not None and self.connection.connected.is_set()
+        paused = self.consumer is not None and self.consumer.paused
+        self.metrics.connected.labels(service="rabbitmq").set(broker)
+        self.metrics.connected.labels(service="postgres").set(self.database_ok)
+        return {
+            "rabbitmq": broker,
+            "postgres": self.database_ok and not paused,
+            "consuming_writes": "writes" not in roles
+            or (self.consumer is not None and self.consumer.consuming),
+            "consuming_reads": "reads" not in roles
+            or (self.rpc is not None and self.rpc.consuming),
+            "not_stopping": not self.stopping.is_set(),
+        }
+
+    async def _watch_database(self) -> None:
+        """Keep ``database_ok`` true to what Postgres answers, for /readyz and the gauges."""
+        assert self.store is not None
+        while True:
+            try:
+                await self.store.ping(timeout=_PING_TIMEOUT)
+            except DATABASE_FAILURES as exc:
+                if self.database_ok:
+                    log.warning("database_unreachable", error=repr(exc))
+                self.database_ok = False
+            else:
+                self.database_ok = True
+            self.readiness()  # refreshes the connection gauges
+            await asyncio.sleep(_WATCH_INTERVAL)
+
     async def stop(self) -> None:
         if self.connection is not None:
             await self.connection.close()
         if self.store is not None:
             await self.store.close()
+        await self.health.stop()
         log.info("worker_stopped")
 
     async def run(self) -> None:

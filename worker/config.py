@@ -80,6 +80,11 @@ class Settings:
     """Longest back-off between retries."""
     drain_timeout_seconds: float = 30.0
     """On SIGTERM, how long to finish held work before giving up (it is redelivered)."""
+    http_host: str = "0.0.0.0"
+    """Address of the HTTP server for /metrics, /healthz and /readyz (all interfaces, for
+    probes and scrapers from outside the container)."""
+    http_port: int = 9108
+    """Port of that HTTP server; 0 picks a free port."""
     log_format: str = "text"
     """`text` for people, `json` for one JSON object per line."""
     log_level: str = "info"
@@ -140,6 +145,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"{_env_name('http_port')} must be a port number")
         if self.auth_mode not in ("strict", "permissive"):
             raise ConfigError(f"{_env_name('auth_mode')} must be strict or permissive")
         if self.quota_entries < 0 or self.quota_bytes < 0:

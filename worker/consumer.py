@@ -34,7 +34,7 @@ from worker.metrics import Metrics
 from worker.model import Write
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
-from worker.validate import Rules, validate_write
+from worker.validate import Rules, uuid7_millis, validate_write
 
 log = structlog.get_logger(__name__)
 
@@ -229,6 +229,7 @@ class CommandConsumer:
         ids: list[uuid.UUID | None],
     ) -> None:
         sends = []
+        now = self.clock()
         for message, result, write_id in zip(batch, results, ids, strict=True):
             if isinstance(result, StateError):
                 self.metrics.count_reject(result.code)
@@ -241,6 +242,8 @@ class CommandConsumer:
                 sends.append(self.publisher.dead_letter(message, result))
             else:
                 self.metrics.count_write(result)
+                if result == "applied" and write_id is not None:
+                    self.metrics.lag_seconds.observe(now - uuid7_millis(write_id) / 1000)
             if message.reply_to:
                 sends.append(self._reply(message, result, write_id))
         try:

@@ -35,6 +35,18 @@ class Metrics:
             "Time to apply one batch in Postgres",
             registry=self.registry,
         )
+        self.lag_seconds = Histogram(
+            "plugin_state_write_lag_seconds",
+            "End-to-end lag of applied writes: commit time minus the write's UUIDv7 time",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.connected = Gauge(
+            "plugin_state_connected",
+            "1 while the worker reaches the service (rabbitmq, postgres)",
+            ["service"],
+            registry=self.registry,
+        )
         self.paused = Gauge(
             "plugin_state_consumer_paused",
             "1 while the write consumer is paused because Postgres is failing",

@@ -193,6 +193,10 @@ class RpcServer:
         await settle_deliveries()
         self._inbox.put_nowait(_STOP)
 
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._inbox.put_nowait((time.monotonic(), message))
 

@@ -123,6 +123,10 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
+    async def ping(self, timeout: float) -> None:
+        """Raise unless Postgres answers within ``timeout`` seconds."""
+        await self.pool.fetchval(QUERIES["ping"], timeout=timeout)
+
     async def plugin_owners(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str | None]:
         """The registered plugins among ``ids``, each with its ``amqp_user``."""
         rows = await self.pool.fetch(QUERIES["plugin_owners"], list(ids))

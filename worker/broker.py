@@ -14,6 +14,9 @@ import aiormq
 BROKER_FAILURES: Final = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    # A RuntimeError, not an AMQPError: raised by anything touching a closed channel,
+    # even reading a delivery's `channel` attribute.
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     TimeoutError,
 )

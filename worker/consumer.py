@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from typing import Final
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
@@ -274,14 +273,17 @@ class CommandConsumer:
         # messages will be redelivered and are harmless duplicates.
         last: dict[int, AbstractIncomingMessage] = {}
         for message in batch:
-            channel_id = id(message.channel)
+            try:
+                channel_id = id(message.channel)
+            except BROKER_FAILURES:
+                continue  # its channel is gone, and the broker will redeliver it
             held = last.get(channel_id)
             if held is None or (message.delivery_tag or 0) > (held.delivery_tag or 0):
                 last[channel_id] = message
         for message in last.values():
             try:
                 await message.ack(multiple=True)
-            except (*BROKER_FAILURES, aio_pika.exceptions.ChannelInvalidStateError) as exc:
+            except BROKER_FAILURES as exc:
                 log.info("ack_lost_with_channel", error=repr(exc))
 
 

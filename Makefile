@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint fuzz clean
+.PHONY: install run test lint fuzz bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## A long fuzz run of the decoder, the validator and the running worker (hypothesis).
+fuzz: install
+	PLUGIN_STATE_FUZZ_EXAMPLES=$${PLUGIN_STATE_FUZZ_EXAMPLES:-50000} $(BIN)/pytest -p no:cacheprovider \
+		tests/test_contract.py -k "any_" tests/test_hostile_input.py
+
+## The benchmark of docs/performance.md (full size; see --help for the knobs).
+bench: install
+	$(BIN)/plugin-state-worker bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any, Final
@@ -878,13 +879,17 @@ def assert_write_or_state_error(codec: Codec, raw: bytes) -> None:
         codec.decode_read(raw)
 
 
-@settings(max_examples=300, deadline=None)
+# Thousands of cases in CI (per test and encoding); `make fuzz` runs far more.
+FUZZ_EXAMPLES: Final = int(os.environ.get("PLUGIN_STATE_FUZZ_EXAMPLES", "1000"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(raw=st.binary(max_size=200))
 def test_any_bytes_decode_to_a_write_or_a_state_error(codec: Codec, raw: bytes) -> None:
     assert_write_or_state_error(codec, raw)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(body=requests())
 def test_any_object_decodes_to_a_write_or_a_state_error(codec: Codec, body: object) -> None:
     assert_write_or_state_error(codec, codec.encode(body))

@@ -71,7 +71,7 @@ from aio_pika.abc import (
 from schemas.codec import MSGPACK
 from worker.broker import BROKER_FAILURES
 from worker.config import Settings, redact_url
-from worker.publish import PUBLISH_TIMEOUT
+from worker.publish import PUBLISH_TIMEOUT, copy_message
 from worker.topology import Names
 
 PREVIEW_CHARS: Final = 80
@@ -499,18 +499,4 @@ def replayable(message: AbstractIncomingMessage, user: str) -> aio_pika.Message:
         if name not in _BOOKKEEPING_HEADERS and not name.startswith(_BOOKKEEPING_PREFIXES)
     }
     had_user = bool((message.headers or {}).get("x-original-user-id") or message.user_id)
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-        priority=message.priority,
-        user_id=user if had_user else None,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return copy_message(message, headers, user if had_user else None)

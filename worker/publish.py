@@ -6,7 +6,7 @@ confirms, so "dead-lettered" always means "the broker has it".
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
@@ -59,21 +59,33 @@ class Publisher:
         if message.user_id:
             # RabbitMQ would refuse our publish with another user's user_id: keep it aside.
             headers["x-original-user-id"] = message.user_id
-        dead = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-            priority=message.priority,
-            # Not the expiration: a dead letter stays until an operator replays or purges it.
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        dead = copy_message(message, headers)
         await self.dead_exchange.publish(
             dead, routing_key=message.routing_key or "", timeout=PUBLISH_TIMEOUT
         )
+
+
+def copy_message(
+    message: AbstractIncomingMessage, headers: dict[str, Any], user_id: str | None = None
+) -> aio_pika.Message:
+    """A persistent copy of a delivered message (body and properties) with new headers.
+
+    Not the expiration: a dead letter stays until an operator replays or purges it, and a
+    replay's clock would start again. ``user_id`` only as the publisher's own user: RabbitMQ
+    refuses any other.
+    """
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        priority=message.priority,
+        user_id=user_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

@@ -290,16 +290,23 @@ class RpcServer:
         if not calls:
             return
         try:
-            lookups = await self.store.lookup_entries([w for c in calls for w in c.wanted])
+            await self._resolve(calls)
         except DATABASE_FAILURES as exc:
             await self._fail_all(calls, exc)
-            return
+
+    async def _resolve(self, calls: list[_Call]) -> None:
+        """Look every entry of ``calls`` up in one query; answer the calls whose ``after``
+        writes have arrived, give up on those past their deadline, keep the rest waiting."""
+        lookups = await self.store.lookup_entries([w for c in calls for w in c.wanted])
+        now = time.monotonic()
         offset = 0
         for call in calls:
             mine = lookups[offset : offset + len(call.wanted)]
             offset += len(call.wanted)
             if all(lookup.ready for lookup in mine):
                 await self._answer_lookup(call, mine)
+            elif call.deadline <= now:
+                await self._answer_pending(call)
             else:
                 self._waiting.append(call)
         self.metrics.rpc_waiting.set(len(self._waiting))
@@ -364,27 +371,17 @@ class RpcServer:
 
     async def _recheck(self) -> None:
         calls, self._waiting = self._waiting, []
-        now = time.monotonic()
         try:
-            lookups = await self.store.lookup_entries([w for c in calls for w in c.wanted])
+            await self._resolve(calls)
         except DATABASE_FAILURES as exc:
+            # Not the request's fault: keep waiting (the deadline still holds).
             log.warning("rpc_recheck_failed", error=repr(exc))
-            self._waiting = [c for c in calls if c.deadline > now]
+            now = time.monotonic()
             for call in calls:
                 if call.deadline <= now:
                     await self._answer_pending(call)
-            return
-        offset = 0
-        for call in calls:
-            mine = lookups[offset : offset + len(call.wanted)]
-            offset += len(call.wanted)
-            if all(lookup.ready for lookup in mine):
-                await self._answer_lookup(call, mine)
-            elif call.deadline <= now:
-                await self._answer_pending(call)
-            else:
-                self._waiting.append(call)
-        self.metrics.rpc_waiting.set(len(self._waiting))
+                else:
+                    self._waiting.append(call)
 
     async def _answer_pending(self, call: _Call) -> None:
         await self._answer_error(

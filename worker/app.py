@@ -27,6 +27,7 @@ from worker.config import Settings
 from worker.consumer import CommandConsumer
 from worker.health import HealthServer
 from worker.metrics import Metrics
+from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.retention import run_retention
 from worker.rpc import RpcServer
@@ -96,10 +97,11 @@ class Worker:
         reply_channel = await self.connection.channel(publisher_confirms=False)
         dead_exchange = await confirm_channel.get_exchange(Names(settings.prefix).dead)
         publisher = Publisher(reply_channel, dead_exchange)
+        plugins = PluginDirectory(self.store, settings.plugin_cache_seconds)
         self.consumer = CommandConsumer(
             settings=settings,
             queue=self.topology.commands,
-            applier=Applier(self.store, settings.authorizer, settings.quota),
+            applier=Applier(self.store, settings.authorizer, settings.quota, plugins),
             publisher=publisher,
             metrics=self.metrics,
             clock=self.clock,
@@ -112,6 +114,7 @@ class Worker:
             publisher=publisher,
             metrics=self.metrics,
             commits=self.commits,
+            plugins=plugins,
         )
         if "writes" in settings.roles:
             await self.consumer.start()

@@ -18,6 +18,7 @@ import structlog
 from schemas.errors import Internal, StateError, UnknownPlugin, UnsupportedValue
 from worker.auth import Authorizer
 from worker.model import EntryKey, EntryWrite, Outcome, Write
+from worker.plugins import PluginDirectory
 from worker.quota import Quota, check_quota
 from worker.store import Store
 
@@ -83,14 +84,21 @@ def _classify(exc: Exception, write: Write) -> StateError:
 class Applier:
     """Turns validated writes into outcomes: applied, superseded, or a typed error."""
 
-    def __init__(self, store: Store, authorizer: Authorizer, quota: Quota | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        authorizer: Authorizer,
+        quota: Quota | None = None,
+        plugins: PluginDirectory | None = None,
+    ) -> None:
         self.store = store
+        self.plugins = plugins or PluginDirectory(store, ttl_seconds=0)
         self.authorizer = authorizer
         self.quota = quota or Quota()
 
     async def apply(self, writes: Sequence[Write]) -> list[Result]:
         results: list[Result | None] = [None] * len(writes)
-        owners = await self.store.plugin_owners(list({w.plugin_id for w in writes}))
+        owners = await self.plugins.owners(w.plugin_id for w in writes)
         candidates = []
         for index, write in enumerate(writes):
             refused = self.authorizer.check(write.caller, write.plugin_id, owners, "cmd")

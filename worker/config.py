@@ -42,6 +42,8 @@ class Settings:
     """RabbitMQ users that may act for every plugin (comma-separated)."""
     auth_mode: str = "strict"
     """`strict`: every message must carry a user_id; `permissive`: one without is allowed."""
+    plugin_cache_seconds: float = 5.0
+    """How long a worker trusts what it read of a plugin's registration (its amqp_user)."""
     quota_entries: int = 0
     """Most entries per plugin; 0 means no quota."""
     quota_bytes: int = 0
@@ -149,6 +151,8 @@ class Settings:
             raise ConfigError(f"{_env_name('http_port')} must be a port number")
         if self.auth_mode not in ("strict", "permissive"):
             raise ConfigError(f"{_env_name('auth_mode')} must be strict or permissive")
+        if self.plugin_cache_seconds < 0:
+            raise ConfigError(f"{_env_name('plugin_cache_seconds')} cannot be negative")
         if self.quota_entries < 0 or self.quota_bytes < 0:
             raise ConfigError("quotas cannot be negative (0 means no quota)")
         if self.batch_wait_ms < 0 or self.prefetch < 0 or self.future_skew_seconds < 0:

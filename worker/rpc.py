@@ -50,6 +50,7 @@ from worker.commits import CommitSignal
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.model import EntryKey
+from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES, ListPosition, Lookup, Store, StoredValue
 from worker.validate import check_scope
@@ -151,10 +152,12 @@ class RpcServer:
         publisher: Publisher,
         metrics: Metrics,
         commits: CommitSignal,
+        plugins: PluginDirectory,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.store = store
+        self.plugins = plugins
         self.publisher = publisher
         self.metrics = metrics
         self.commits = commits
@@ -228,7 +231,7 @@ class RpcServer:
         if not calls:
             return
         try:
-            owners = await self.store.plugin_owners(list({c.request.plugin_id for c in calls}))
+            owners = await self.plugins.owners(c.request.plugin_id for c in calls)
         except DATABASE_FAILURES as exc:
             await self._fail_all(calls, exc)
             return

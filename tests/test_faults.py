@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
+import msgspec
 import pytest
 
 from worker.config import Settings
@@ -168,7 +169,22 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     # back to the queue as a redelivery.
     remaining = await queue_messages(amqp, Names(prefix).commands_queue)
     print(f"drained; {len(remaining)} messages never delivered to the worker")
-    assert not any(m.redelivered for m in remaining)
+    # Everything the worker held was committed before it acked and exited. A quorum queue
+    # may still hand back, as a redelivery, a message whose ack raced the connection's
+    # close; such a message must then be one already applied (a harmless duplicate).
+    redelivered = [msgspec.json.decode(m.body) for m in remaining if m.redelivered]
+    if redelivered:
+        print(f"{len(redelivered)} acked messages came back as redeliveries")
+        rows = await db.fetch(
+            "SELECT state_key, version FROM plugin_state_versions WHERE plugin_id = $1",
+            plugin_id,
+        )
+        seen = {row["state_key"]: row["version"] for row in rows}
+        for command in redelivered:
+            version = seen.get(command["key"])
+            assert version is not None and version >= uuid.UUID(command["id"]), (
+                "a message the worker held was neither committed nor acked"
+            )
     assert await dead_letters(amqp, prefix) == 0
 
 

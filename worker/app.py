@@ -18,7 +18,7 @@ from typing import Final, TypeVar
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker.applier import Applier
 from worker.broker import BROKER_FAILURES
@@ -54,6 +54,7 @@ class Worker:
         self.topology: Topology | None = None
         self.consumer: CommandConsumer | None = None
         self.rpc: RpcServer | None = None
+        self.channels: list[AbstractChannel] = []
         self.commits = CommitSignal()
         self.database_ok = False
         self.health = HealthServer(
@@ -96,6 +97,8 @@ class Worker:
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
         dead_exchange = await confirm_channel.get_exchange(Names(settings.prefix).dead)
+        # Closed in this order at stop: consumers first, publishers last.
+        self.channels = [commands_channel, rpc_channel, reply_channel, confirm_channel]
         publisher = Publisher(reply_channel, dead_exchange)
         plugins = PluginDirectory(self.store, settings.plugin_cache_seconds)
         self.consumer = CommandConsumer(
@@ -187,6 +190,13 @@ class Worker:
             await asyncio.sleep(_WATCH_INTERVAL)
 
     async def stop(self) -> None:
+        # Each channel is closed with a handshake, so the broker has taken every ack sent
+        # on it before the connection goes.
+        for channel in self.channels:
+            try:
+                await channel.close()
+            except BROKER_FAILURES as exc:
+                log.info("channel_close_failed", error=repr(exc))
         if self.connection is not None:
             await self.connection.close()
         if self.store is not None:

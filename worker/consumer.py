@@ -70,6 +70,7 @@ class CommandConsumer:
         self._batches: asyncio.Queue[list[AbstractIncomingMessage] | None] = asyncio.Queue(1)
         self._consumer_tag: str | None = None
         self._draining = False
+        self._stopped = False
         self._drain_deadline = float("inf")
         self.paused = False
         self.idle = asyncio.Event()
@@ -94,6 +95,7 @@ class CommandConsumer:
         self._drain_deadline = time.monotonic() + self.settings.drain_timeout_seconds
         await self._unsubscribe()
         await settle_deliveries()
+        self._stopped = True
         self._inbox.put_nowait(_STOP)
 
     @property
@@ -128,6 +130,8 @@ class CommandConsumer:
                 log.info("unsubscribe_failed", error=repr(exc))
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopped:
+            log.warning("late_delivery_after_drain", delivery_tag=message.delivery_tag)
         self.idle.clear()
         self._inbox.put_nowait(message)
 

@@ -15,6 +15,7 @@ import click
 
 from worker import dead_commands, logs, state_commands
 from worker.app import Worker
+from worker.bench import command as bench_command
 from worker.config import ConfigError, Settings
 from worker.migrate import MigrationError, migrate
 from worker.store import Store, create_pool
@@ -181,6 +182,7 @@ def plugins_remove(settings: Settings, plugin: str, purge: bool) -> None:
 
 state_commands.register(main)
 dead_commands.register(main)
+bench_command.register(main)
 
 
 if __name__ == "__main__":

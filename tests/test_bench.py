@@ -1,0 +1,104 @@
+"""`plugin-state-worker bench --small` end to end: it completes, reports every figure, and
+leaves nothing behind. The figures' values are the machine's business, not the test's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import click
+from click.testing import CliRunner
+
+from worker.bench.command import register
+from worker.bench.harness import NAME_PREFIX
+from worker.config import Settings
+
+from .services import ServiceUrls
+
+EVERY_RATIO = (
+    "write throughput / ceiling",
+    "write throughput / naive baseline",
+    "get p50 / raw RPC round trip p50",
+    "get throughput / RPC ceiling",
+    "peak RSS (MB)",
+    "soak RSS drift (MB)",
+)
+
+
+def console() -> click.Group:
+    """A console command of the test's own, with `bench` registered as in main."""
+    group = click.Group("plugin-state-worker")
+    register(group)
+    return group
+
+
+def numbers(tree: Any, path: str = "") -> dict[str, float]:
+    """Every number in a JSON tree, by its path."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{path}.{key}").items()}
+    if isinstance(tree, bool):
+        return {}
+    if isinstance(tree, int | float):
+        return {path: float(tree)}
+    return {}
+
+
+async def bench_databases(admin_url: str) -> list[str]:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", NAME_PREFIX
+        )
+    finally:
+        await conn.close()
+    return [row["datname"] for row in rows]
+
+
+async def test_small_bench_reports_every_figure_and_cleans_up(
+    services: ServiceUrls, tmp_path: Path
+) -> None:
+    settings = Settings(database_url=services.admin_database_url, amqp_url=services.amqp_url)
+    report_path = tmp_path / "bench.json"
+
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        console(),
+        ["bench", "--small", "--workers", "2", "--json", str(report_path)],
+        obj=settings,
+    )
+
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    for ratio in EVERY_RATIO:
+        assert ratio in result.output
+    for section in ("WRITES", "READS", "MEMORY", "RATIOS"):
+        assert section in result.output
+    report = json.loads(report_path.read_text())
+    assert set(report["ratios"]) == set(EVERY_RATIO)
+    assert set(report["reads"]) == {"rpc_ceiling", "raw_select", "worker_get", "worker_get_many"}
+    assert report["worker_writes_many"] is not None
+    figures = numbers({k: v for k, v in report.items() if k != "sizes"})
+    assert len(figures) > 50
+    assert all(math.isfinite(value) for value in figures.values()), figures
+    assert report["memory"]["peak_rss"] > 0
+    assert report["write_latency"]["count"] > 0
+    for server in report["reads"].values():
+        assert server["latency"]["count"] > 0
+        assert server["throughput"]["count"] > 0
+
+    # Its own database and topology are gone.
+    assert report["name"].startswith(NAME_PREFIX)
+    assert report["name"] not in await bench_databases(services.admin_database_url)
+    connection = await aio_pika.connect(services.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(f"{report['name']}.commands", passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            pass
+        else:
+            raise AssertionError("the bench left its commands queue behind")

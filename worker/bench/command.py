@@ -1,0 +1,97 @@
+"""``plugin-state-worker bench``: flags, presets, the table on stdout, optionally JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker.bench.harness import BenchError, new_progress
+from worker.bench.report import BenchReport
+from worker.bench.run import SMALL, Sizes, run_bench, sizes_with
+from worker.config import Settings
+
+
+@click.command()
+@click.option("--small", is_flag=True, help="Every phase small: well under a minute.")
+@click.option("--messages", type=click.IntRange(min=1), help="Ceiling messages [50000].")
+@click.option("--writes", type=click.IntRange(min=1), help="Writes per worker run [50000].")
+@click.option(
+    "--baseline-writes", type=click.IntRange(min=1), help="Naive baseline writes [10000]."
+)
+@click.option("--entries", type=click.IntRange(min=1), help="Distinct entries written [10000].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Also measure write throughput with N worker processes [1: not run].",
+)
+@click.option("--latency-seconds", type=click.FloatRange(min=0.1), help="Latency phase [10].")
+@click.option("--read-seconds", type=click.FloatRange(min=0.1), help="Each read measurement [5].")
+@click.option(
+    "--read-concurrency", type=click.IntRange(min=1), help="Read throughput callers [128]."
+)
+@click.option(
+    "--get-many-keys", type=click.IntRange(min=1, max=1000), help="Entries per get_many [100]."
+)
+@click.option("--soak-seconds", type=click.FloatRange(min=1), help="Memory soak [180].")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write every figure to FILE as JSON.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr (default: when stderr is a terminal).",
+)
+@click.pass_obj
+def bench(
+    settings: Settings,
+    /,
+    small: bool,
+    json_path: Path | None,
+    progress: bool | None,
+    **flags: Any,
+) -> None:
+    """Measure the worker against raw RabbitMQ, a naive consumer and raw RPC servers.
+
+    Uses a database and a topology prefix of its own (pstest_bench_<random>, on the
+    configured Postgres and RabbitMQ), and removes both afterwards.
+    """
+    from worker.cli import run_async  # noqa: PLC0415 - worker.cli registers this command
+
+    sizes = sizes_with(SMALL if small else Sizes(), **flags)
+    try:
+        report = run_async(_run_until_terminated(settings, sizes, new_progress(progress)))
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    except asyncio.CancelledError:
+        raise click.Abort from None
+    click.echo(report.table())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+
+
+async def _run_until_terminated(
+    settings: Settings, sizes: Sizes, bar: Callable[..., Any]
+) -> BenchReport:
+    """SIGTERM cancels the run as Ctrl-C does, so that it still removes its database, its
+    queues and its processes on the way out."""
+    task = asyncio.current_task()
+    assert task is not None
+    # Signal handlers exist only in the main thread (not when a test runs the command).
+    with contextlib.suppress(ValueError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run_bench(settings, sizes, bar)
+
+
+def register(main: click.Group) -> None:
+    """Add the ``bench`` command to the console command."""
+    main.add_command(bench)

@@ -1,0 +1,332 @@
+"""The figures of one run, the ratios the performance targets name, the table and the JSON.
+
+Targets are shown in parentheses as information: a ratio is a measurement of one run on
+one machine, never a verdict, so nothing here passes or fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+MB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` things done in ``seconds``."""
+
+    count: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else math.inf
+
+    def as_json(self) -> dict[str, float]:
+        return {"count": self.count, "seconds": self.seconds, "per_second": self.per_second}
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of unsorted ``values`` (``fraction`` 0.5 is the median)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """Percentiles of a latency sample, in milliseconds."""
+
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Latency:
+        return cls(percentile(seconds, 0.5) * 1000, percentile(seconds, 0.99) * 1000, len(seconds))
+
+    def as_json(self) -> dict[str, float]:
+        return {"p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "count": self.count}
+
+
+@dataclass(frozen=True, slots=True)
+class WriteLatency:
+    latency: Latency
+    """Publish-to-commit, per write."""
+    drain_seconds: float
+    """From the last publish to the last commit: about one batch when the worker kept up
+    with the pace, the backlog it accumulated when it did not."""
+
+    def as_json(self) -> dict[str, float]:
+        return {**self.latency.as_json(), "drain_seconds": self.drain_seconds}
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFigures:
+    """One RPC server under the client loop: latency alone, throughput under load."""
+
+    latency: Latency
+    """At concurrency 1."""
+    throughput: Rate
+    """Calls answered at the high concurrency."""
+    errors: int
+    """Calls that timed out or were answered with an error reply."""
+    cpu_per_call: float
+    """CPU seconds the server process used per call during the throughput run: what a
+    call costs the server, whatever else the machine was busy with."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "latency": self.latency.as_json(),
+            "throughput": self.throughput.as_json(),
+            "errors": self.errors,
+            "cpu_per_call": self.cpu_per_call,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFigures:
+    """The worker's resident memory (bytes) from /proc/<pid>/status."""
+
+    started_rss: int
+    """Right after start-up, when the first deliveries arrived."""
+    peak_rss: int
+    """VmHWM after the write and read phases at full load (and the soak)."""
+    soak_start_rss: int
+    """Median of the soak's first fifth of samples."""
+    soak_end_rss: int
+    """Median of the soak's last fifth of samples."""
+    soak_seconds: float
+    soak_writes: int
+    soak_reads: Latency
+    """The reads made back to back during the soak, beside the writes."""
+
+    @property
+    def drift(self) -> int:
+        return self.soak_end_rss - self.soak_start_rss
+
+    @property
+    def flat(self) -> bool:
+        """Within 5 % (and at least 5 MB) of where the soak started: no visible growth."""
+        return abs(self.drift) <= max(5 * MB, self.soak_start_rss // 20)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "started_rss": self.started_rss,
+            "peak_rss": self.peak_rss,
+            "soak_start_rss": self.soak_start_rss,
+            "soak_end_rss": self.soak_end_rss,
+            "soak_seconds": self.soak_seconds,
+            "soak_writes": self.soak_writes,
+            "soak_reads": self.soak_reads.as_json(),
+            "drift": self.drift,
+            "flat": self.flat,
+        }
+
+
+# The read servers, by the key the report uses for them.
+RPC_CEILING: Final = "rpc_ceiling"
+RAW_SELECT: Final = "raw_select"
+WORKER_GET: Final = "worker_get"
+WORKER_GET_MANY: Final = "worker_get_many"
+
+_READ_TITLES: Final = {
+    RPC_CEILING: "RPC ceiling (constant reply, no database)",
+    RAW_SELECT: "raw RPC round trip (one indexed SELECT)",
+    WORKER_GET: "worker get",
+    WORKER_GET_MANY: "worker get_many",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    name: str
+    value: float
+    target: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class BenchReport:
+    name: str
+    """The run's database and topology prefix (both removed when it ended)."""
+    sizes: dict[str, Any]
+    ceiling_publish: Rate
+    ceiling_consume: Rate
+    ceiling_cpu_per_message: float
+    """CPU seconds of the ceiling's consumer per message."""
+    baseline: Rate
+    worker_writes: Rate
+    worker_cpu_per_write: float
+    """CPU seconds of the worker process per write in the throughput run."""
+    workers: int
+    """Processes of the optional multi-worker run (1: not run)."""
+    worker_writes_many: Rate | None
+    latency_rate: float
+    """Writes per second published in the latency phase (half the measured maximum)."""
+    write_latency: WriteLatency
+    reads: dict[str, ReadFigures]
+    memory: MemoryFigures
+
+    def ratios(self) -> list[Ratio]:
+        get = self.reads[WORKER_GET]
+        raw = self.reads[RAW_SELECT]
+        ceiling = self.reads[RPC_CEILING]
+        memory = self.memory
+        return [
+            Ratio(
+                "write throughput / ceiling",
+                self.worker_writes.per_second / self.ceiling_consume.per_second,
+                ">= 0.8",
+                f"{self.worker_writes.per_second:,.0f} / {self.ceiling_consume.per_second:,.0f}",
+            ),
+            Ratio(
+                "write throughput / naive baseline",
+                self.worker_writes.per_second / self.baseline.per_second,
+                ">= 3",
+                f"{self.worker_writes.per_second:,.0f} / {self.baseline.per_second:,.0f}",
+            ),
+            Ratio(
+                "get p50 / raw RPC round trip p50",
+                get.latency.p50_ms / raw.latency.p50_ms,
+                "<= 1.3",
+                f"{get.latency.p50_ms:.2f} ms / {raw.latency.p50_ms:.2f} ms",
+            ),
+            Ratio(
+                "get throughput / RPC ceiling",
+                get.throughput.per_second / ceiling.throughput.per_second,
+                ">= 0.9",
+                f"{get.throughput.per_second:,.0f} / {ceiling.throughput.per_second:,.0f}",
+            ),
+            Ratio(
+                "peak RSS (MB)",
+                memory.peak_rss / MB,
+                "<= 200",
+                "VmHWM of the worker after full write and read load and the soak",
+            ),
+            Ratio(
+                "soak RSS drift (MB)",
+                memory.drift / MB,
+                "flat",
+                f"{memory.soak_start_rss / MB:.1f} -> {memory.soak_end_rss / MB:.1f} MB over "
+                f"{memory.soak_seconds:.0f} s: {'flat' if memory.flat else 'GREW'}",
+            ),
+        ]
+
+    def table(self) -> str:
+        concurrency = self.sizes["read_concurrency"]
+        latency = self.write_latency.latency
+        rows: list[tuple[str, str, str]] = [
+            ("WRITES", "", ""),
+            ("ceiling: publish (confirms)", _rate(self.ceiling_publish), "msg/s"),
+            ("ceiling: consume (ack multiple)", _rate(self.ceiling_consume), "msg/s"),
+            ("ceiling: consumer CPU per message", _micros(self.ceiling_cpu_per_message), "us"),
+            ("naive baseline", _rate(self.baseline), "writes/s"),
+            ("worker, 1 process", _rate(self.worker_writes), "writes/s"),
+            ("worker CPU per write", _micros(self.worker_cpu_per_write), "us"),
+        ]
+        if self.worker_writes_many is not None:
+            rows.append(
+                (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
+            )
+        rows += [
+            (
+                f"publish-to-commit at {self.latency_rate:,.0f}/s",
+                f"p50 {latency.p50_ms:.1f}  p99 {latency.p99_ms:.1f}",
+                "ms",
+            ),
+            (
+                "  last publish to last commit",
+                f"{self.write_latency.drain_seconds * 1000:.1f}",
+                "ms",
+            ),
+            ("READS", "", ""),
+        ]
+        for key, name in _READ_TITLES.items():
+            figures = self.reads[key]
+            title = f"{name} of {self.sizes['get_many_keys']}" if key == WORKER_GET_MANY else name
+            rows.append(
+                (
+                    f"{title}: c=1",
+                    f"p50 {figures.latency.p50_ms:.2f}  p99 {figures.latency.p99_ms:.2f}",
+                    "ms",
+                )
+            )
+            errors = f" ({figures.errors} errors)" if figures.errors else ""
+            rows.append(
+                (f"{title}: c={concurrency}", _rate(figures.throughput) + errors, "calls/s")
+            )
+            rows.append(
+                (
+                    f"{title}: server CPU per call",
+                    _micros(figures.cpu_per_call),
+                    "us",
+                )
+            )
+        memory = self.memory
+        rows += [
+            ("MEMORY (worker RSS)", "", ""),
+            ("at the first deliveries", f"{memory.started_rss / MB:.1f}", "MB"),
+            ("peak (VmHWM)", f"{memory.peak_rss / MB:.1f}", "MB"),
+            (
+                f"soak {memory.soak_seconds:.0f} s: start -> end",
+                f"{memory.soak_start_rss / MB:.1f} -> {memory.soak_end_rss / MB:.1f}",
+                "MB",
+            ),
+            (
+                f"soak: {memory.soak_writes:,} writes, get p50/p99 beside them",
+                f"p50 {memory.soak_reads.p50_ms:.1f}  p99 {memory.soak_reads.p99_ms:.1f}",
+                "ms",
+            ),
+        ]
+        width = max(len(name) for name, _, _ in rows) + 2
+        lines = [
+            f"{name}" if not value else f"  {name.ljust(width)}{value.rjust(22)}  {unit}"
+            for name, value, unit in rows
+        ]
+        lines += ["RATIOS (target in parentheses, information only)"]
+        for ratio in self.ratios():
+            lines.append(
+                f"  {ratio.name.ljust(width)}{ratio.value:>22.2f}  ({ratio.target})  {ratio.detail}"
+            )
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sizes": self.sizes,
+            "ceiling": {
+                "publish": self.ceiling_publish.as_json(),
+                "consume": self.ceiling_consume.as_json(),
+                "cpu_per_message": self.ceiling_cpu_per_message,
+            },
+            "baseline": self.baseline.as_json(),
+            "worker_writes": {
+                **self.worker_writes.as_json(),
+                "cpu_per_write": self.worker_cpu_per_write,
+            },
+            "workers": self.workers,
+            "worker_writes_many": (
+                None if self.worker_writes_many is None else self.worker_writes_many.as_json()
+            ),
+            "write_latency": {"rate": self.latency_rate, **self.write_latency.as_json()},
+            "reads": {key: figures.as_json() for key, figures in self.reads.items()},
+            "memory": self.memory.as_json(),
+            "ratios": {
+                ratio.name: {"value": ratio.value, "target": ratio.target}
+                for ratio in self.ratios()
+            },
+        }
+
+
+def _rate(rate: Rate) -> str:
+    return f"{rate.per_second:,.0f}"
+
+
+def _micros(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f}"

@@ -1,0 +1,138 @@
+"""One bench run: its sizes, and its phases in order, side by side on one machine.
+
+1. ceiling: raw aio-pika through a quorum queue, no database;
+2. naive baseline: one upsert, one transaction, one ack per message;
+3. (with ``workers`` > 1) the write throughput of that many fresh workers;
+4. the write throughput of one fresh worker, which then stays up for the rest:
+5. its publish-to-commit latency at half the rate it just reached;
+6. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
+7. memory: its peak so far, then a soak of steady mixed load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from worker.bench.baseline import measure_baseline
+from worker.bench.ceiling import measure_ceiling
+from worker.bench.harness import bench_env
+from worker.bench.memory import soak
+from worker.bench.reads import measure_reads
+from worker.bench.report import BenchReport
+from worker.bench.workload import WriteStream, entry_names
+from worker.bench.writes import measure_latency, measure_throughput
+from worker.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    messages: int = 50_000
+    """Messages through the ceiling's queue."""
+    writes: int = 50_000
+    """Writes pre-filled for each worker throughput run."""
+    baseline_writes: int = 10_000
+    """Writes for the naive baseline (it is slow: one commit each)."""
+    entries: int = 10_000
+    """Distinct entries the writes go to (and the reads read)."""
+    workers: int = 1
+    """Worker processes of the extra multi-worker throughput run (1: none)."""
+    latency_seconds: float = 10.0
+    """How long writes are paced at half the maximum rate for the latency."""
+    read_seconds: float = 5.0
+    """How long each read measurement lasts (after a warm-up)."""
+    read_concurrency: int = 128
+    """Callers of the read throughput measurements."""
+    get_many_keys: int = 100
+    """Entries per ``get_many``."""
+    soak_seconds: float = 180.0
+    """How long the steady mixed load of the memory soak lasts."""
+    soak_read_concurrency: int = 4
+    """Callers reading back to back during the soak."""
+
+
+SMALL = Sizes(
+    messages=2_000,
+    writes=2_000,
+    baseline_writes=300,
+    entries=500,
+    latency_seconds=1.0,
+    read_seconds=0.5,
+    read_concurrency=32,
+    get_many_keys=100,
+    soak_seconds=3.0,
+)
+"""Every phase at a size that runs in well under a minute; figures are only indicative."""
+
+
+def sizes_with(base: Sizes, **changes: Any) -> Sizes:
+    """``base`` with the flags that were given (``None`` means not given)."""
+    return replace(base, **{name: value for name, value in changes.items() if value is not None})
+
+
+async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -> BenchReport:
+    async with bench_env(settings) as env:
+        entries = entry_names(sizes.entries)
+        ceiling_plugin = await env.add_plugin("ceiling")
+        ceiling = WriteStream(ceiling_plugin, sizes.messages, entries, seed=1)
+        ceiling_run = await measure_ceiling(env, ceiling.bodies, bar)
+        baseline_plugin = await env.add_plugin("baseline")
+        naive = WriteStream(baseline_plugin, sizes.baseline_writes, entries, seed=2)
+        baseline = await measure_baseline(env, naive.bodies, bar)
+
+        many = None
+        if sizes.workers > 1:
+            plugin = await env.add_plugin("writes-many")
+            stream = WriteStream(plugin, sizes.writes, entries, seed=3)
+            run = await measure_throughput(env, stream, sizes.workers, bar)
+            for process in run.workers:
+                await env.stop(process)
+            many = run.rate
+
+        plugin = await env.add_plugin("writes")
+        stream = WriteStream(plugin, sizes.writes, entries, seed=4)
+        run = await measure_throughput(env, stream, 1, bar)
+        worker = run.workers[0]
+        half_rate = run.rate.per_second / 2
+        latency = await measure_latency(
+            env, worker, await env.add_plugin("latency"), half_rate, sizes.latency_seconds, bar
+        )
+        reads = await measure_reads(
+            env,
+            worker,
+            plugin,
+            entries,
+            sizes.read_concurrency,
+            sizes.get_many_keys,
+            sizes.read_seconds,
+            bar,
+        )
+        memory = await soak(
+            env,
+            worker,
+            run.started_rss,
+            plugin,
+            entries,
+            half_rate,
+            sizes.soak_read_concurrency,
+            sizes.soak_seconds,
+            bar,
+        )
+        await env.stop(worker)
+    return BenchReport(
+        name=env.settings.prefix,
+        sizes=asdict(sizes),
+        ceiling_publish=ceiling_run.publish,
+        ceiling_consume=ceiling_run.consume,
+        ceiling_cpu_per_message=ceiling_run.cpu_per_message,
+        baseline=baseline,
+        worker_writes=run.rate,
+        worker_cpu_per_write=run.cpu_seconds / run.rate.count,
+        workers=sizes.workers,
+        worker_writes_many=many,
+        latency_rate=half_rate,
+        write_latency=latency,
+        reads=reads,
+        memory=memory,
+    )

@@ -1,0 +1,186 @@
+"""The worker's write path: throughput over a pre-filled queue, and publish-to-commit latency.
+
+**Throughput.** The commands queue is filled with the whole stream before any worker
+starts, then ``plugin-state-worker run`` processes are started. The clock starts when the
+queue's ready count first drops (the first deliveries: start-up time is not counted) and
+stops when the version register holds every entry's last write, checked once the queue
+has no ready message left. Both are polled, at 5 ms and 20 ms.
+
+**Latency.** Writes, each to an entry of its own, are published at a paced rate. A write's
+latency is its commit time minus the time the bench published it. Postgres records when
+the batch's transaction started (``updated_at`` is ``now()``), not when it committed, so
+the commit is taken from the worker's own commit signal: every write transaction sends
+``NOTIFY plugin_state_commits``, delivered at commit, and with one worker (transactions one
+after another) the first notification at or after a batch's start is that batch's commit.
+This is more exact than ``updated_at`` minus the UUIDv7 time, which misses the apply and
+commit and has only millisecond resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+
+from worker.bench.harness import APPLICATION_NAME, BenchEnv, BenchError, Process, wait_for
+from worker.bench.report import Latency, Rate, WriteLatency
+from worker.bench.workload import WriteStream, entry_names, json_value, set_body
+from worker.client import MonotonicUuid7
+from worker.commits import CHANNEL
+
+# How many of a stream's final versions the register holds.
+APPLIED_COUNT: Final = """
+SELECT count(*) FROM plugin_state_versions v
+JOIN unnest($2::uuid[]) AS f (version) ON v.version = f.version
+WHERE v.plugin_id = $1
+"""
+STATE_COUNT: Final = "SELECT count(*) FROM plugin_state WHERE plugin_id = $1"
+COMMITTED_AT: Final = "SELECT state_key, updated_at FROM plugin_state WHERE plugin_id = $1"
+
+_START_POLL: Final = 0.005
+_END_POLL: Final = 0.02
+_PACE_TICK: Final = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputRun:
+    rate: Rate
+    workers: list[Process]
+    """Still running."""
+    started_rss: int
+    """The first worker's RSS when consumption started."""
+    cpu_seconds: float
+    """CPU time of all the workers from the first delivery to the last commit."""
+
+
+async def measure_throughput(
+    env: BenchEnv, stream: WriteStream, processes: int, bar: Callable[..., Any]
+) -> ThroughputRun:
+    """Writes per second of ``processes`` fresh workers over the pre-filled ``stream``."""
+    names = env.names
+    total = len(stream.bodies)
+    label = f"writes x{processes}"
+    with bar(f"{label}: publish", total=total) as progress:
+        await env.publish_all(names.command_key(stream.plugin_id), stream.bodies, progress)
+    workers = [await env.spawn_worker(f"worker-x{processes}-{n}") for n in range(processes)]
+
+    def alive() -> None:
+        for worker in workers:
+            worker.check_alive()
+
+    final = list(stream.final.values())
+    budget = 60.0 + total / 100
+    with bar(f"{label}: apply", total=total) as progress:
+
+        async def ready_below(limit: int) -> bool:
+            ready, _ = await env.queue_counts(names.commands_queue)
+            progress.update(total - ready - progress.n)
+            return ready < limit
+
+        started = await wait_for(
+            lambda: ready_below(total),
+            timeout=budget,
+            what="the workers to start consuming",
+            interval=_START_POLL,
+            alive=alive,
+        )
+        started_rss = workers[0].resident().rss
+        cpu_before = sum(worker.cpu_seconds() for worker in workers)
+        await wait_for(
+            lambda: ready_below(1), timeout=budget, what="the queue to drain", alive=alive
+        )
+
+        async def all_applied() -> bool:
+            return bool(
+                await env.pool.fetchval(APPLIED_COUNT, stream.plugin_id, final) == len(final)
+            )
+
+        finished = await wait_for(
+            all_applied, timeout=budget, what="the last commit", interval=_END_POLL, alive=alive
+        )
+    cpu = sum(worker.cpu_seconds() for worker in workers) - cpu_before
+    return ThroughputRun(Rate(total, finished - started), workers, started_rss, cpu)
+
+
+async def publish_paced(
+    rate: float, count: int, publish: Callable[[int], Coroutine[Any, Any, None]], progress: Any
+) -> None:
+    """Call ``publish(n)`` for n in 0..count-1 at ``rate`` per second, each in a task of
+    its own (confirms are awaited there), so a slow confirm never holds the pace back."""
+    began = time.monotonic()
+    sent = 0
+    async with asyncio.TaskGroup() as group:
+        while sent < count:
+            due = min(count, int((time.monotonic() - began) * rate) + 1)
+            for n in range(sent, due):
+                group.create_task(publish(n))
+            progress.update(due - sent)
+            sent = due
+            await asyncio.sleep(_PACE_TICK)
+
+
+async def measure_latency(
+    env: BenchEnv,
+    worker: Process,
+    plugin_id: uuid.UUID,
+    rate: float,
+    seconds: float,
+    bar: Callable[..., Any],
+) -> WriteLatency:
+    """Publish-to-commit latency of ``rate`` writes per second for ``seconds``, each write
+    to an entry of its own, through the one running ``worker``."""
+    count = max(1, round(rate * seconds))
+    entries = entry_names(count, key_prefix="lat-")
+    routing_key = env.names.command_key(plugin_id)
+    rng = random.Random(1)
+    # Values are made before the clock starts: the publisher must keep the pace cheaply.
+    values = [json_value(rng, n) for n in range(count)]
+    new_id = MonotonicUuid7()
+    published: dict[str, float] = {}
+    commits: list[float] = []
+    listener = await asyncpg.connect(
+        env.settings.database_url, server_settings={"application_name": APPLICATION_NAME}
+    )
+    try:
+        await listener.add_listener(CHANNEL, lambda *_: commits.append(time.time()))
+
+        async def publish(n: int) -> None:
+            entry = entries[n]
+            body = set_body(plugin_id, new_id(), entry, values[n])
+            published[entry.key] = time.time()
+            await env.exchange.publish(env.message(body), routing_key)
+
+        with bar(f"latency at {rate:,.0f}/s", total=count) as progress:
+            await publish_paced(rate, count, publish, progress)
+
+            async def all_committed() -> bool:
+                return bool(await env.pool.fetchval(STATE_COUNT, plugin_id) == count)
+
+            await wait_for(
+                all_committed,
+                timeout=60 + seconds,
+                what="the latency writes to commit",
+                alive=worker.check_alive,
+            )
+            # The last commit's notification may still be on its way to the listener.
+            await asyncio.sleep(0.1)
+    finally:
+        await listener.close()
+    rows = await env.pool.fetch(COMMITTED_AT, plugin_id)
+    latencies = []
+    last_commit = 0.0
+    for row in rows:
+        started = row["updated_at"].timestamp()
+        at = bisect.bisect_left(commits, started)
+        if at == len(commits):
+            raise BenchError("a latency write committed without a commit notification")
+        latencies.append(commits[at] - published[row["state_key"]])
+        last_commit = max(last_commit, commits[at])
+    return WriteLatency(Latency.of(latencies), last_commit - max(published.values()))

@@ -11,7 +11,9 @@ from worker.config import Settings
 from .helpers import wait_until
 
 
-def spawn_worker(settings: Settings, **overrides: str) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    settings: Settings, *, stderr: int | None = None, **overrides: str
+) -> subprocess.Popen[bytes]:
     """``plugin-state-worker run`` with the test's settings (``overrides`` are extra
     ``PLUGIN_STATE_*`` variables, by lower-case name)."""
     env = {
@@ -24,7 +26,7 @@ def spawn_worker(settings: Settings, **overrides: str) -> subprocess.Popen[bytes
         "PLUGIN_STATE_HTTP_PORT": "0",
         **{f"PLUGIN_STATE_{name.upper()}": value for name, value in overrides.items()},
     }
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env, stderr=stderr)
 
 
 async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> int:

@@ -93,7 +93,6 @@ class Worker:
         self.topology = await declare(commands_channel, settings)
         rpc_channel = await self.connection.channel()
         await rpc_channel.set_qos(prefetch_count=settings.rpc_prefetch)
-        rpc_queue = await rpc_channel.get_queue(Names(settings.prefix).rpc_queue, ensure=False)
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
         dead_exchange = await confirm_channel.get_exchange(Names(settings.prefix).dead)
@@ -103,7 +102,7 @@ class Worker:
         plugins = PluginDirectory(self.store, settings.plugin_cache_seconds)
         self.consumer = CommandConsumer(
             settings=settings,
-            queue=self.topology.commands,
+            channel=commands_channel,
             applier=Applier(self.store, settings.authorizer, settings.quota, plugins),
             publisher=publisher,
             metrics=self.metrics,
@@ -112,7 +111,7 @@ class Worker:
         )
         self.rpc = RpcServer(
             settings=settings,
-            queue=rpc_queue,
+            channel=rpc_channel,
             store=self.store,
             publisher=publisher,
             metrics=self.metrics,

@@ -16,23 +16,25 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractRobustChannel
 
 from schemas.codec import JSON, Codec, codec_for
 from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
 from worker.applier import Applier, Result
 from worker.auth import Caller
-from worker.broker import BROKER_FAILURES, settle_deliveries
+from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.model import Write
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
+from worker.topology import Names
 from worker.validate import Rules, uuid7_millis, validate_write
 
 log = structlog.get_logger(__name__)
@@ -51,7 +53,7 @@ class CommandConsumer:
     def __init__(
         self,
         settings: Settings,
-        queue: AbstractQueue,
+        channel: AbstractRobustChannel,
         applier: Applier,
         publisher: Publisher,
         metrics: Metrics,
@@ -59,33 +61,39 @@ class CommandConsumer:
         on_commit: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
-        self.queue = queue
+        self.subscription = Subscription(
+            channel, Names(settings.prefix).commands_queue, self._on_delivery
+        )
         self.applier = applier
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
         self.on_commit = on_commit
         self.rules = Rules.from_settings(settings)
-        self._inbox: asyncio.Queue[object] = asyncio.Queue()
-        self._batches: asyncio.Queue[list[AbstractIncomingMessage] | None] = asyncio.Queue(1)
-        self._consumer_tag: str | None = None
+        self._inbox: asyncio.Queue[Delivery | object] = asyncio.Queue()
+        self._batches: asyncio.Queue[list[Delivery] | None] = asyncio.Queue(1)
+        self._applying = False
         self._draining = False
         self._stopped = False
         self._drain_deadline = float("inf")
         self.paused = False
-        self.idle = asyncio.Event()
+        self.received = 0
+        self.acked = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Subscribe to the commands queue."""
-        await self._subscribe()
+        await self.subscription.start()
 
     async def run(self) -> None:
         """Collect and apply batches until ``drain`` has finished everything held."""
         async with asyncio.TaskGroup() as group:
+            keeping = group.create_task(self.subscription.keep(), name="commands-subscription")
             group.create_task(self._collect(), name="collect-commands")
-            group.create_task(self._process(), name="apply-commands")
+            await self._process()
+            keeping.cancel()
+        log.info("consumer_drained", received=self.received, acked=self.acked)
 
     async def drain(self) -> None:
         """Stop taking deliveries; ``run`` returns once what is held is settled."""
@@ -93,47 +101,33 @@ class CommandConsumer:
             return
         self._draining = True
         self._drain_deadline = time.monotonic() + self.settings.drain_timeout_seconds
-        await self._unsubscribe()
-        await settle_deliveries()
+        await self.subscription.stop()
         self._stopped = True
         self._inbox.put_nowait(_STOP)
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return self.subscription.consuming
 
     async def pause(self) -> None:
         """Stop taking deliveries (held ones stay held); used when Postgres fails."""
         if not self.paused:
             self.paused = True
             self.metrics.paused.set(1)
-            await self._unsubscribe()
+            await self.subscription.stop()
 
     async def resume(self) -> None:
         if self.paused:
             self.paused = False
             self.metrics.paused.set(0)
             if not self._draining:
-                await self._subscribe()
+                await self.subscription.start()
 
-    async def _subscribe(self) -> None:
-        if self._consumer_tag is None:
-            self._consumer_tag = await self.queue.consume(self._on_message)
-
-    async def _unsubscribe(self) -> None:
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None:
-            try:
-                await self.queue.cancel(tag)
-            except BROKER_FAILURES as exc:
-                # The channel is gone, and with it the subscription and its deliveries.
-                log.info("unsubscribe_failed", error=repr(exc))
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_delivery(self, delivery: Delivery) -> None:
+        self.received += 1
         if self._stopped:
-            log.warning("late_delivery_after_drain", delivery_tag=message.delivery_tag)
-        self.idle.clear()
-        self._inbox.put_nowait(message)
+            log.warning("late_delivery_after_drain", delivery_tag=delivery.delivery_tag)
+        self._inbox.put_nowait(delivery)
 
     # ------------------------------------------------------------------ batching
 
@@ -152,6 +146,10 @@ class CommandConsumer:
                 try:
                     item = self._inbox.get_nowait()
                 except asyncio.QueueEmpty:
+                    # Nothing is being applied: send what there is now rather than wait
+                    # for more (batches grow by themselves while Postgres is busy).
+                    if not self._applying and self._batches.empty():
+                        break
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
@@ -169,13 +167,15 @@ class CommandConsumer:
 
     async def _process(self) -> None:
         while (batch := await self._batches.get()) is not None:
-            await self._handle(batch)
-            if self._inbox.empty() and self._batches.empty():
-                self.idle.set()
+            self._applying = True
+            try:
+                await self._handle(batch)
+            finally:
+                self._applying = False
 
     # ------------------------------------------------------------------ one batch
 
-    async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
+    async def _handle(self, batch: list[Delivery]) -> None:
         now_ms = int(self.clock() * 1000)
         results: list[Result] = []
         ids: list[uuid.UUID | None] = []
@@ -185,7 +185,7 @@ class CommandConsumer:
             try:
                 codec = codec_for(message.content_type)
                 command = codec.decode_write(message.body)
-                caller = Caller(message.user_id, message.routing_key or "")
+                caller = Caller(message.user_id, message.routing_key)
                 msgpack = codec.content_type != JSON
                 write = validate_write(command, now_ms, self.rules, caller, msgpack=msgpack)
             except StateError as exc:
@@ -227,11 +227,12 @@ class CommandConsumer:
 
     async def _settle(
         self,
-        batch: list[AbstractIncomingMessage],
+        batch: list[Delivery],
         results: list[Result],
         ids: list[uuid.UUID | None],
     ) -> None:
         sends = []
+        outcomes: Counter[str] = Counter()
         now = self.clock()
         for message, result, write_id in zip(batch, results, ids, strict=True):
             if isinstance(result, StateError):
@@ -242,13 +243,15 @@ class CommandConsumer:
                     reason=result.message[:200],
                     routing_key=message.routing_key,
                 )
-                sends.append(self.publisher.dead_letter(message, result))
+                sends.append(self.publisher.dead_letter(message.as_incoming(), result))
             else:
-                self.metrics.count_write(result)
+                outcomes[result] += 1
                 if result == "applied" and write_id is not None:
                     self.metrics.lag_seconds.observe(now - uuid7_millis(write_id) / 1000)
             if message.reply_to:
                 sends.append(self._reply(message, result, write_id))
+        for outcome, count in outcomes.items():
+            self.metrics.count_write(outcome, count)
         try:
             await asyncio.gather(*sends)
         except BROKER_FAILURES as exc:
@@ -256,11 +259,10 @@ class CommandConsumer:
             # redelivered reject is rejected (and dead-lettered) again.
             log.warning("settle_failed_not_acking", error=repr(exc), size=len(batch))
             return
-        await self._ack(batch)
+        await ack_all(batch)
+        self.acked += len(batch)
 
-    async def _reply(
-        self, message: AbstractIncomingMessage, result: Result, write_id: uuid.UUID | None
-    ) -> None:
+    async def _reply(self, message: Delivery, result: Result, write_id: uuid.UUID | None) -> None:
         codec = codec_for_reply(message.content_type)
         reply: Reply
         if isinstance(result, StateError) or write_id is None:
@@ -270,25 +272,6 @@ class CommandConsumer:
             reply = AppliedReply(id=write_id, outcome=result)
         assert message.reply_to is not None
         await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
-
-    async def _ack(self, batch: list[AbstractIncomingMessage]) -> None:
-        # Deliveries are settled in order, so one ack with `multiple` per channel covers
-        # the whole batch. After a reconnect a batch can span two channels; the old one's
-        # messages will be redelivered and are harmless duplicates.
-        last: dict[int, AbstractIncomingMessage] = {}
-        for message in batch:
-            try:
-                channel_id = id(message.channel)
-            except BROKER_FAILURES:
-                continue  # its channel is gone, and the broker will redeliver it
-            held = last.get(channel_id)
-            if held is None or (message.delivery_tag or 0) > (held.delivery_tag or 0):
-                last[channel_id] = message
-        for message in last.values():
-            try:
-                await message.ack(multiple=True)
-            except BROKER_FAILURES as exc:
-                log.info("ack_lost_with_channel", error=repr(exc))
 
 
 def codec_for_reply(content_type: str | None) -> Codec:

@@ -71,8 +71,8 @@ class Metrics:
             registry=self.registry,
         )
 
-    def count_write(self, outcome: str) -> None:
-        self.writes.labels(outcome=outcome).inc()
+    def count_write(self, outcome: str, count: int = 1) -> None:
+        self.writes.labels(outcome=outcome).inc(count)
 
     def count_reject(self, code: str) -> None:
         self.writes.labels(outcome="rejected").inc()

@@ -10,6 +10,7 @@ from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from pamqp.commands import Basic
 
 from schemas.codec import Codec
 from schemas.errors import StateError
@@ -35,16 +36,19 @@ class Publisher:
     ) -> None:
         """Send a reply to the caller's queue (direct reply-to or its own) via the default
         exchange; a caller that has gone away just drops it."""
-        message = aio_pika.Message(
+        # Straight to aiormq: building an aio-pika Message per reply was a fifth of the read
+        # path's CPU. Not mandatory: RabbitMQ treats a direct reply-to name as unroutable
+        # for a mandatory publish and would return every reply.
+        channel = await self.reply_channel.get_underlay_channel()
+        await channel.basic_publish(
             codec.encode(reply),
-            content_type=codec.content_type,
-            correlation_id=correlation_id,
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-        )
-        # Not mandatory: RabbitMQ treats a direct reply-to name as unroutable for a
-        # mandatory publish and would return every reply.
-        await self.reply_channel.default_exchange.publish(
-            message, routing_key=reply_to, mandatory=False, timeout=PUBLISH_TIMEOUT
+            exchange="",
+            routing_key=reply_to,
+            properties=Basic.Properties(
+                content_type=codec.content_type, correlation_id=correlation_id, delivery_mode=1
+            ),
+            mandatory=False,
+            timeout=PUBLISH_TIMEOUT,
         )
 
     async def dead_letter(self, message: AbstractIncomingMessage, error: StateError) -> None:

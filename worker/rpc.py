@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractRobustChannel
 
 from schemas.codec import JSON, Codec, codec_for
 from schemas.errors import (
@@ -45,7 +45,7 @@ from schemas.messages import (
     ValuesReply,
 )
 from worker.auth import Caller
-from worker.broker import BROKER_FAILURES, settle_deliveries
+from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all
 from worker.commits import CommitSignal
 from worker.config import Settings
 from worker.metrics import Metrics
@@ -53,6 +53,7 @@ from worker.model import EntryKey
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES, ListPosition, Lookup, Store, StoredValue
+from worker.topology import Names
 from worker.validate import check_scope
 
 log = structlog.get_logger(__name__)
@@ -67,7 +68,7 @@ _STOP: Final = object()
 class _Call:
     """One request being served: where to answer, what it asked, until when it may wait."""
 
-    message: AbstractIncomingMessage
+    message: Delivery
     codec: Codec
     request: ReadRequest
     caller: Caller
@@ -78,14 +79,6 @@ class _Call:
     @property
     def op(self) -> str:
         return str(self.request.__struct_config__.tag)
-
-
-def _expiration_seconds(message: AbstractIncomingMessage) -> float | None:
-    """The request's AMQP expiration in seconds (aio-pika decodes it to a float)."""
-    expiration = message.expiration
-    if isinstance(expiration, int | float):
-        return float(expiration)
-    return None
 
 
 def encode_cursor(position: ListPosition) -> str:
@@ -147,7 +140,7 @@ class RpcServer:
     def __init__(
         self,
         settings: Settings,
-        queue: AbstractQueue,
+        channel: AbstractRobustChannel,
         store: Store,
         publisher: Publisher,
         metrics: Metrics,
@@ -155,7 +148,9 @@ class RpcServer:
         plugins: PluginDirectory,
     ) -> None:
         self.settings = settings
-        self.queue = queue
+        self.subscription = Subscription(
+            channel, Names(settings.prefix).rpc_queue, self._on_delivery
+        )
         self.store = store
         self.plugins = plugins
         self.publisher = publisher
@@ -163,45 +158,48 @@ class RpcServer:
         self.commits = commits
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._waiting: list[_Call] = []
-        self._consumer_tag: str | None = None
+        # Calls sent to wait (or being re-checked) and not answered yet: while there are
+        # any, acks go one by one, since a `multiple` ack would cover them too.
+        self._held: set[_Call] = set()
+        self._to_ack: list[Delivery] = []
         self._draining = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._consumer_tag = await self.queue.consume(self._on_message)
+        await self.subscription.start()
 
     async def run(self) -> None:
         """Serve until ``drain``; waiting requests then go back to the queue for another
         worker instead of being answered early."""
         async with asyncio.TaskGroup() as group:
+            keeping = group.create_task(self.subscription.keep(), name="rpc-subscription")
             waiting = group.create_task(self._wait_loop(), name="rpc-waiters")
             await self._serve_loop()
             waiting.cancel()
+            keeping.cancel()
         for call in self._waiting:
-            await self._settle(call.message, requeue=True)
+            try:
+                await call.message.channel.basic_nack(call.message.delivery_tag, requeue=True)
+            except BROKER_FAILURES as exc:
+                log.info("rpc_requeue_lost_with_channel", error=repr(exc))
         self._waiting.clear()
+        self._held.clear()
         self.metrics.rpc_waiting.set(0)
 
     async def drain(self) -> None:
         if self._draining.is_set():
             return
         self._draining.set()
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None:
-            try:
-                await self.queue.cancel(tag)
-            except BROKER_FAILURES as exc:
-                log.info("rpc_unsubscribe_failed", error=repr(exc))
-        await settle_deliveries()
+        await self.subscription.stop()
         self._inbox.put_nowait(_STOP)
 
     @property
     def consuming(self) -> bool:
-        return self._consumer_tag is not None
+        return self.subscription.consuming
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._inbox.put_nowait((time.monotonic(), message))
+    def _on_delivery(self, delivery: Delivery) -> None:
+        self._inbox.put_nowait(delivery)
 
     # ------------------------------------------------------------------ serving
 
@@ -222,14 +220,17 @@ class RpcServer:
             if stopping:
                 return
 
-    async def _serve_burst(self, burst: list[tuple[float, AbstractIncomingMessage]]) -> None:
+    async def _serve_burst(self, burst: list[Delivery]) -> None:
         calls: list[_Call] = []
-        for received, message in burst:
-            call = await self._admit(received, message)
+        for message in burst:
+            call = await self._admit(message)
             if call is not None:
                 calls.append(call)
-        if not calls:
-            return
+        if calls:
+            await self._serve_calls(calls)
+        await self._flush_acks()
+
+    async def _serve_calls(self, calls: list[_Call]) -> None:
         try:
             owners = await self.plugins.owners(c.request.plugin_id for c in calls)
         except DATABASE_FAILURES as exc:
@@ -248,22 +249,23 @@ class RpcServer:
                 lookups.append(call)
         await asyncio.gather(self._serve_lookups(lookups), *(self._serve_list(c) for c in lists))
 
-    async def _admit(self, received: float, message: AbstractIncomingMessage) -> _Call | None:
+    async def _admit(self, message: Delivery) -> _Call | None:
         """Decode and validate; answer (or drop) what cannot be served. None if handled."""
-        expiration = _expiration_seconds(message)
+        received = message.received
+        expiration = message.expiration
         if expiration is not None and time.monotonic() > received + expiration:
             self.metrics.rpc_expired.inc()
-            await self._settle(message)
+            self._to_ack.append(message)
             return None
         if not message.reply_to:
             error = InvalidRequest("a read request needs reply_to (and correlation_id)")
             self.metrics.count_reject(error.code)
             try:
-                await self.publisher.dead_letter(message, error)
+                await self.publisher.dead_letter(message.as_incoming(), error)
             except BROKER_FAILURES as exc:
                 log.warning("rpc_dead_letter_failed", error=repr(exc))
                 return None
-            await self._settle(message)
+            self._to_ack.append(message)
             return None
         try:
             codec = codec_for(message.content_type)
@@ -275,7 +277,7 @@ class RpcServer:
         wait = MAX_WAIT_SECONDS if expiration is None else min(expiration, MAX_WAIT_SECONDS)
         try:
             request = codec.decode_read(message.body)
-            caller = Caller(message.user_id, message.routing_key or "")
+            caller = Caller(message.user_id, message.routing_key)
             call = _Call(message, codec, request, caller, received, received + wait)
             if isinstance(request, ListRequest):
                 if request.scope_kind == "instance" and request.scope_id is not None:
@@ -312,6 +314,7 @@ class RpcServer:
                 await self._answer_pending(call)
             else:
                 self._waiting.append(call)
+                self._held.add(call)
         self.metrics.rpc_waiting.set(len(self._waiting))
 
     async def _answer_lookup(self, call: _Call, lookups: list[Lookup]) -> None:
@@ -385,6 +388,7 @@ class RpcServer:
                     await self._answer_pending(call)
                 else:
                     self._waiting.append(call)
+        await self._flush_acks()
 
     async def _answer_pending(self, call: _Call) -> None:
         await self._answer_error(
@@ -408,8 +412,9 @@ class RpcServer:
     async def _answer(self, call: _Call, reply: Reply) -> None:
         self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received)
         await self._reply(call.message, call.codec, reply)
+        self._held.discard(call)
 
-    async def _reply(self, message: AbstractIncomingMessage, codec: Codec, reply: Reply) -> None:
+    async def _reply(self, message: Delivery, codec: Codec, reply: Reply) -> None:
         assert message.reply_to is not None
         try:
             try:
@@ -425,13 +430,17 @@ class RpcServer:
             # The request stays unacked and comes back to some worker with the connection.
             log.info("rpc_reply_failed", error=repr(exc))
             return
-        await self._settle(message)
+        self._to_ack.append(message)
 
-    async def _settle(self, message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
-        try:
-            if requeue:
-                await message.nack(requeue=True)
-            else:
-                await message.ack()
-        except BROKER_FAILURES as exc:
-            log.info("rpc_ack_lost_with_channel", error=repr(exc))
+    async def _flush_acks(self) -> None:
+        """Ack what was answered: with one `multiple` ack per channel when no request is
+        held waiting (the usual case), else one by one so as not to cover those."""
+        settled, self._to_ack = self._to_ack, []
+        if not self._held:
+            await ack_all(settled)
+            return
+        for message in settled:
+            try:
+                await message.channel.basic_ack(message.delivery_tag)
+            except BROKER_FAILURES as exc:
+                log.info("rpc_ack_lost_with_channel", error=repr(exc))

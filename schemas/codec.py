@@ -130,10 +130,15 @@ def _msgpack_codec() -> Codec:
 
 
 _CODECS: Final = {JSON: _json_codec(), MSGPACK: _msgpack_codec()}
+# The spellings nearly every message uses, looked up without parsing (a per-message cost).
+_EXACT: Final = {None: _CODECS[JSON], JSON: _CODECS[JSON], MSGPACK: _CODECS[MSGPACK]}
 
 
 def codec_for(content_type: str | None) -> Codec:
     """The codec for an AMQP ``content_type``; absent means JSON, parameters are ignored."""
+    exact = _EXACT.get(content_type)
+    if exact is not None:
+        return exact
     base = (content_type or "").split(";", 1)[0].strip().lower()
     try:
         return _CODECS[_CONTENT_TYPES[base]]

@@ -79,7 +79,8 @@ async def test_metrics_count_what_was_sent_after_traffic(
     assert got[("plugin_state_writes_total", (("outcome", "rejected"),))] == 2
     assert got[("plugin_state_rejects_total", (("code", "invalid_message"),))] == 1
     assert got[("plugin_state_rejects_total", (("code", "invalid_request"),))] == 1
-    assert got[("plugin_state_write_lag_seconds_count", ())] == 5
+    # One lag sample per applied batch (its oldest write): 1 to 5 batches here.
+    assert 1 <= got[("plugin_state_write_lag_seconds_count", ())] <= 5
     assert got[("plugin_state_rpc_seconds_count", (("op", "get"),))] == 3
     assert got[("plugin_state_rpc_seconds_count", (("op", "list"),))] == 1
     assert got[("plugin_state_batch_size_sum", ())] == 7

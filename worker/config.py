@@ -56,8 +56,11 @@ class Settings:
     """Most write messages applied in one transaction."""
     batch_wait_ms: int = 20
     """Longest wait for a batch to fill once its first message arrived."""
+    apply_concurrency: int = 3
+    """Batches applied at once, each on its own Postgres connection (acked in order)."""
     prefetch: int = 0
-    """Unacked write deliveries held per worker; 0 means twice the batch size."""
+    """Unacked write deliveries held per worker; 0 means one batch more than are applied at
+    once (so that the next batch fills while the others are applied)."""
     rpc_prefetch: int = 256
     """Unanswered read requests held per worker."""
     value_max_bytes: int = 1024 * 1024
@@ -72,7 +75,7 @@ class Settings:
     """Deliveries of one command before RabbitMQ dead-letters it (crash-loop guard)."""
     commands_max_length: int = 1_000_000
     """Length limit of the commands queue; past it publishers' confirms are nacked."""
-    db_pool_size: int = 4
+    db_pool_size: int = 6
     """Postgres connections per worker."""
     db_command_timeout_seconds: float = 30.0
     """Longest a Postgres statement may take before the batch is retried."""
@@ -94,7 +97,7 @@ class Settings:
 
     @property
     def effective_prefetch(self) -> int:
-        return self.prefetch or 2 * self.batch_size
+        return self.prefetch or (self.apply_concurrency + 1) * self.batch_size
 
     @property
     def authorizer(self) -> Authorizer:
@@ -136,6 +139,7 @@ class Settings:
     def validate(self) -> None:
         positive = (
             "batch_size",
+            "apply_concurrency",
             "rpc_prefetch",
             "value_max_bytes",
             "retention_seconds",

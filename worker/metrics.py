@@ -37,7 +37,8 @@ class Metrics:
         )
         self.lag_seconds = Histogram(
             "plugin_state_write_lag_seconds",
-            "End-to-end lag of applied writes: commit time minus the write's UUIDv7 time",
+            "End-to-end lag of applied writes (per batch, its oldest): commit time minus the "
+            "write's UUIDv7 time",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry,
         )

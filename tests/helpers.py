@@ -84,28 +84,6 @@ async def publish(
     await exchange.publish(message, routing_key=f"{kind}.{plugin_id}")
 
 
-def set_cmd(
-    plugin_id: uuid.UUID,
-    key: str,
-    value: Any,
-    *,
-    write_id: uuid.UUID | None = None,
-    scope_kind: str = "issue",
-    scope_id: str | None = "ISS-1",
-    namespace: str = "default",
-) -> dict[str, Any]:
-    return {
-        "op": "set",
-        "id": str(write_id or uuid7()),
-        "plugin_id": str(plugin_id),
-        "scope_kind": scope_kind,
-        "scope_id": scope_id,
-        "namespace": namespace,
-        "key": key,
-        "value": value,
-    }
-
-
 def delete_cmd(
     plugin_id: uuid.UUID,
     key: str,
@@ -124,6 +102,27 @@ def delete_cmd(
         "namespace": namespace,
         "key": key,
     }
+
+
+def set_cmd(
+    plugin_id: uuid.UUID,
+    key: str,
+    value: Any,
+    *,
+    write_id: uuid.UUID | None = None,
+    scope_kind: str = "issue",
+    scope_id: str | None = "ISS-1",
+    namespace: str = "default",
+) -> dict[str, Any]:
+    entry = delete_cmd(
+        plugin_id,
+        key,
+        write_id=write_id,
+        scope_kind=scope_kind,
+        scope_id=scope_id,
+        namespace=namespace,
+    )
+    return {**entry, "op": "set", "value": value}
 
 
 async def state_of(db: asyncpg.Pool, plugin_id: uuid.UUID) -> dict[tuple[Any, ...], Any]:

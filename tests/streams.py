@@ -72,5 +72,12 @@ class Stream:
                 )
             )
 
+    async def some_applied(self, db: asyncpg.Pool) -> bool:
+        """Whether the worker has applied any of the stream yet (to cut things mid-stream)."""
+        count = await db.fetchval(
+            "SELECT count(*) FROM plugin_state WHERE plugin_id = $1", self.plugin_id
+        )
+        return bool(count)
+
     async def matches(self, db: asyncpg.Pool) -> bool:
         return await state_of(db, self.plugin_id) == self.expected()

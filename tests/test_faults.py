@@ -59,12 +59,7 @@ async def test_postgres_outage_pauses_then_resumes_without_loss(
     worker = await start_worker(database_url=through(settings.database_url, pg_proxy.port))
     await stream.publish(amqp, prefix, stop=1000)
 
-    async def some_applied() -> bool:
-        return bool(
-            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
-        )
-
-    await wait_until(some_applied, what="the first writes")
+    await wait_until(lambda: stream.some_applied(db), what="the first writes")
     pg_proxy.cut()
     await stream.publish(amqp, prefix, start=1000)
 
@@ -122,13 +117,8 @@ async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     await stream.publish(amqp, prefix)
     first = spawn_worker(settings, batch_size="100")
 
-    async def some_applied() -> bool:
-        return bool(
-            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
-        )
-
     try:
-        await wait_until(some_applied, what="the worker to apply writes")
+        await wait_until(lambda: stream.some_applied(db), what="the worker to apply writes")
     finally:
         first.send_signal(signal.SIGKILL)
     assert await wait_exit(first) == -signal.SIGKILL
@@ -161,13 +151,8 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
         settings, stderr=subprocess.PIPE, batch_size="100", log_format="json", log_level="info"
     )
 
-    async def some_applied() -> bool:
-        return bool(
-            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
-        )
-
     try:
-        await wait_until(some_applied, what="the worker to apply writes")
+        await wait_until(lambda: stream.some_applied(db), what="the worker to apply writes")
     finally:
         process.send_signal(signal.SIGTERM)
     assert process.stderr is not None
@@ -197,12 +182,7 @@ async def test_lost_broker_connection_reconnects_and_resumes(
     worker = await start_worker()
     await stream.publish(amqp, prefix, stop=1500)
 
-    async def some_applied() -> bool:
-        return bool(
-            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
-        )
-
-    await wait_until(some_applied, what="the first writes")
+    await wait_until(lambda: stream.some_applied(db), what="the first writes")
     closed = await close_connections(worker.instance)
     print(f"closed {closed} broker connection(s) of the worker")
     assert closed == 1

@@ -105,31 +105,24 @@ class _Envelope(msgspec.Struct):
 _DECODE_FAILURES: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-def _json_codec() -> Codec:
+def _codec(content_type: str, name: str, module: Any) -> Codec:
+    """A codec from one of msgspec's format modules (``msgspec.json``, ``msgspec.msgpack``),
+    which offer the same Decoder and Encoder."""
     return Codec(
-        content_type=JSON,
-        name="JSON",
-        writes=msgspec.json.Decoder(WriteCommand),
-        reads=msgspec.json.Decoder(ReadRequest),
-        replies=msgspec.json.Decoder(Reply),
-        envelope=msgspec.json.Decoder(_Envelope),
-        encoder=msgspec.json.Encoder(),
+        content_type=content_type,
+        name=name,
+        writes=module.Decoder(WriteCommand),
+        reads=module.Decoder(ReadRequest),
+        replies=module.Decoder(Reply),
+        envelope=module.Decoder(_Envelope),
+        encoder=module.Encoder(),
     )
 
 
-def _msgpack_codec() -> Codec:
-    return Codec(
-        content_type=MSGPACK,
-        name="MessagePack",
-        writes=msgspec.msgpack.Decoder(WriteCommand),
-        reads=msgspec.msgpack.Decoder(ReadRequest),
-        replies=msgspec.msgpack.Decoder(Reply),
-        envelope=msgspec.msgpack.Decoder(_Envelope),
-        encoder=msgspec.msgpack.Encoder(),
-    )
-
-
-_CODECS: Final = {JSON: _json_codec(), MSGPACK: _msgpack_codec()}
+_CODECS: Final = {
+    JSON: _codec(JSON, "JSON", msgspec.json),
+    MSGPACK: _codec(MSGPACK, "MessagePack", msgspec.msgpack),
+}
 # The spellings nearly every message uses, looked up without parsing (a per-message cost).
 _EXACT: Final = {None: _CODECS[JSON], JSON: _CODECS[JSON], MSGPACK: _CODECS[MSGPACK]}
 

@@ -32,7 +32,7 @@ from worker.publish import Publisher
 from worker.retention import run_retention
 from worker.rpc import RpcServer
 from worker.store import DATABASE_FAILURES, Store, create_pool
-from worker.topology import Names, Topology, declare
+from worker.topology import Names, declare
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +51,6 @@ class Worker:
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.connection: AbstractRobustConnection | None = None
-        self.topology: Topology | None = None
         self.consumer: CommandConsumer | None = None
         self.rpc: RpcServer | None = None
         self.channels: list[AbstractChannel] = []
@@ -90,7 +89,7 @@ class Worker:
         # (the write path acks with `multiple`); replies and dead letters on their own.
         commands_channel = await self.connection.channel()
         await commands_channel.set_qos(prefetch_count=settings.effective_prefetch)
-        self.topology = await declare(commands_channel, settings)
+        await declare(commands_channel, settings)
         rpc_channel = await self.connection.channel()
         await rpc_channel.set_qos(prefetch_count=settings.rpc_prefetch)
         confirm_channel = await self.connection.channel(publisher_confirms=True)

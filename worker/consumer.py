@@ -1,10 +1,12 @@
 """The write path: deliveries in, batches applied in Postgres, then acks.
 
 Two tasks form a pipeline: ``_collect`` groups deliveries into batches (up to
-``batch_size`` messages or ``batch_wait_ms`` after the first), while ``_process`` applies
-the previous batch in one transaction and then settles it: rejects are dead-lettered (with
-confirms), callers that asked get their reply, and the whole batch is acked with one
-``multiple`` ack per channel. Nothing is acked before it is committed or dead-lettered.
+``batch_size`` messages; it waits up to ``batch_wait_ms`` for more only while Postgres is
+busy with earlier batches), while ``_process`` applies up to ``apply_concurrency`` batches
+at once, each in one transaction, and settles them in delivery order: rejects are
+dead-lettered (with confirms), callers that asked get their reply, and each batch is acked
+with one ``multiple`` ack per channel. Nothing is acked before it is committed or
+dead-lettered.
 
 When Postgres fails, the consumer pauses (cancels its subscription, so no more deliveries
 arrive), keeps what it holds, retries with capped back-off, and resumes. ``drain`` stops

@@ -56,6 +56,16 @@ async def _with_dead_letters(
         return await action(letters)
 
 
+def _changing_options(command: F) -> F:
+    """What the commands that take dead letters out of the queue share."""
+    command = click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="Show a progress bar on stderr (default: when stderr is a terminal).",
+    )(command)
+    return click.option("--yes", is_flag=True, help="Do not ask for confirmation.")(command)
+
+
 def _selection_options(command: F) -> F:
     command = click.option(
         "--routing-key",
@@ -165,12 +175,7 @@ def list_command(
 @dead.command()
 @_selection_options
 @click.option("--limit", type=click.IntRange(min=1), help="Replay at most N dead letters.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Show a progress bar on stderr (default: when stderr is a terminal).",
-)
+@_changing_options
 @click.pass_obj
 def replay(
     settings: Settings,
@@ -205,12 +210,7 @@ def replay(
 @dead.command()
 @_selection_options
 @click.option("--all", "everything", is_flag=True, help="Purge every dead letter.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Show a progress bar on stderr (default: when stderr is a terminal).",
-)
+@_changing_options
 @click.pass_obj
 def purge(
     settings: Settings,

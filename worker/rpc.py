@@ -148,6 +148,7 @@ class RpcServer:
         plugins: PluginDirectory,
     ) -> None:
         self.settings = settings
+        self.authorizer = settings.authorizer
         self.subscription = Subscription(
             channel, Names(settings.prefix).rpc_queue, self._on_delivery
         )
@@ -238,9 +239,8 @@ class RpcServer:
             return
         lookups: list[_Call] = []
         lists: list[_Call] = []
-        authorizer = self.settings.authorizer
         for call in calls:
-            refused = authorizer.check(call.caller, call.request.plugin_id, owners, "rpc")
+            refused = self.authorizer.check(call.caller, call.request.plugin_id, owners, "rpc")
             if refused is not None:
                 await self._answer_error(call, refused)
             elif isinstance(call.request, ListRequest):

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import msgspec
 
-from schemas.errors import InvalidMessage, InvalidRequest, StateError, UnsupportedValue
+from schemas.errors import InvalidMessage, InvalidRequest, StateError
 from schemas.messages import READ_OPS, WRITE_OPS, ReadRequest, Reply, WriteCommand
 
 JSON: Final = "application/json"
@@ -62,9 +62,10 @@ class Codec:
 
     def _classify(self, body: bytes, exc: Exception, ops: frozenset[str], what: str) -> StateError:
         if isinstance(exc, RecursionError):
-            # Too deep even to look at the op; within an object only a value nests so deep.
+            # Too deep even to look at the op; within an object only a value nests so deep,
+            # far past the nesting limit (protocol §1).
             if self._looks_like_object(body):
-                return UnsupportedValue("value nests too deeply (the limit is about 1000 levels)")
+                return InvalidRequest("value nests arrays and objects deeper than the limit")
             return InvalidMessage(f"body must be a {self.name} object")
         if isinstance(exc, UnicodeDecodeError):
             return InvalidMessage(f"body holds a string that is not valid UTF-8: {exc.reason}")

@@ -18,6 +18,8 @@ ErrorCode = Literal[
     "forbidden",
     "stale",
     "write_pending",
+    "reply_too_large",
+    "compacted",
     "internal",
 ]
 
@@ -89,6 +91,18 @@ class WritePending(StateError):
     code = "write_pending"
 
 
+class ReplyTooLarge(StateError):
+    """The reply would be larger than the reply size limit."""
+
+    code = "reply_too_large"
+
+
+class Compacted(StateError):
+    """A ``changes`` read asks for a position older than the change log keeps."""
+
+    code = "compacted"
+
+
 class Internal(StateError):
     """Anything else; the message that caused it is not lost."""
 
@@ -107,6 +121,8 @@ ERRORS_BY_CODE: dict[str, type[StateError]] = {
         Forbidden,
         Stale,
         WritePending,
+        ReplyTooLarge,
+        Compacted,
         Internal,
     )
 }

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 from schemas.codec import codec_for
-from schemas.errors import Stale, UnknownPlugin
-from worker.applier import Applier, Result
+from schemas.errors import Stale, UnknownPlugin, UnsupportedValue
+from worker.applier import Applier, Result, TimedOut
 from worker.config import Settings
-from worker.model import Write
+from worker.model import EntryKey, EntryWrite, Write
 from worker.retention import purge_once
 from worker.store import LOCK_CLASS, RETENTION_LOCK, Store
 from worker.validate import Rules, validate_write
@@ -25,7 +25,6 @@ from .helpers import (
     set_cmd,
     state_of,
     trusted_caller,
-    trusting_authorizer,
     uuid7,
 )
 
@@ -46,8 +45,9 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     await pool.close()
 
 
-async def apply(store: Store, *commands: dict[str, Any]) -> list[Result]:
-    return await Applier(store, trusting_authorizer()).apply([write(c) for c in commands])
+async def apply(store: Store, *commands: dict[str, Any] | Write) -> list[Result | TimedOut]:
+    writes = [c if isinstance(c, Write) else write(c) for c in commands]
+    return await Applier(store, RULES.retention_ms).apply(writes)
 
 
 KEY = ("issue", "ISS-1", "default", "k")
@@ -114,48 +114,78 @@ async def test_stored_null_is_a_value_and_the_row_records_its_version(
     assert row is not None and row["value_json"] == "null" and row["version"] == write_id
 
 
-class _StaleCatalog(Store):
-    """Believes every plugin exists, like a worker whose check raced a plugin removal."""
-
-    async def plugin_owners(self, ids: Any) -> dict[uuid.UUID, str | None]:
-        return dict.fromkeys(ids)
+def unvalidated(plugin_id: uuid.UUID, key: str, value_json: str) -> Write:
+    """A write that skipped validation, as a bug in it might let through."""
+    entry = EntryKey(plugin_id, "issue", "ISS-1", "default", key)
+    write_id = uuid7()
+    return Write(
+        write_id,
+        plugin_id,
+        (EntryWrite(entry, write_id, value_json, len(value_json)),),
+        trusted_caller(plugin_id),
+    )
 
 
 async def test_a_write_postgres_refuses_is_isolated_and_its_batch_mates_applied(
-    database_url: str, db: asyncpg.Pool, plugin_id: uuid.UUID
+    store: Store, db: asyncpg.Pool, plugin_id: uuid.UUID
 ) -> None:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
-    assert pool is not None
-    store = _StaleCatalog(pool)
-    try:
-        gone = uuid.uuid4()
-        commands = [set_cmd(plugin_id, f"k{n}", n) for n in range(5)]
-        commands.insert(3, set_cmd(gone, "k", "orphan"))
-        results = await apply(store, *commands)
-    finally:
-        await store.close()
-    assert isinstance(results[3], UnknownPlugin)
+    writes: list[dict[str, Any] | Write] = [set_cmd(plugin_id, f"k{n}", n) for n in range(5)]
+    writes.insert(3, unvalidated(plugin_id, "broken", "{not json"))
+    results = await apply(store, *writes)
+    assert isinstance(results[3], UnsupportedValue)
     assert [r for i, r in enumerate(results) if i != 3] == ["applied"] * 5
     assert len(await state_of(db, plugin_id)) == 5
 
 
-async def test_retention_purges_old_tombstones_and_older_writes_are_then_stale(
+async def test_a_write_for_a_plugin_removed_meanwhile_is_unknown_plugin(
+    store: Store, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    gone = uuid.uuid4()
+    results = await apply(store, set_cmd(plugin_id, "k", 1), set_cmd(gone, "k", "orphan"))
+    assert results[0] == "applied"
+    assert isinstance(results[1], UnknownPlugin)
+
+
+TOMBSTONES = "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1 AND deleted"
+COUNTED_TOMBSTONES = "SELECT tombstones FROM plugin_counters WHERE plugin_id=$1"
+
+
+async def age_tombstones(db: asyncpg.Pool, plugin_id: uuid.UUID, seconds: float) -> None:
+    """Make the plugin's tombstones look as if they were written ``seconds`` ago."""
+    old_ms = int((time.time() - seconds) * 1000)
+    await db.execute(
+        "UPDATE plugin_state_versions SET deleted_at = now() - make_interval(secs => $2), "
+        "version = $3 WHERE plugin_id = $1 AND deleted",
+        plugin_id,
+        seconds,
+        uuid7(old_ms),
+    )
+
+
+async def test_retention_purges_old_tombstones_and_keeps_younger_ones(
     store: Store, db: asyncpg.Pool, plugin_id: uuid.UUID, settings: Settings
 ) -> None:
-    deleted_at = int(time.time() * 1000)
-    delete_id = uuid7(deleted_at)
-    await apply(store, delete_cmd(plugin_id, "k", write_id=delete_id))
-    tombstones = "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1 AND deleted"
-    assert await db.fetchval(tombstones, plugin_id) == 1
-    # Not yet past the retention: kept.
-    await purge_once(store, settings, time.time())
-    assert await db.fetchval(tombstones, plugin_id) == 1
-    later = (deleted_at / 1000) + settings.retention_seconds + settings.future_skew_seconds + 1
-    assert (await purge_once(store, settings, later) or 0) >= 1
-    assert await db.fetchval(tombstones, plugin_id) == 0
-    # Any write old enough to lose against the purged tombstone is now refused as stale.
-    with pytest.raises(Stale):
-        write(set_cmd(plugin_id, "k", 1, write_id=uuid7(deleted_at - 1)), int(later * 1000))
+    await apply(store, delete_cmd(plugin_id, "k"))
+    assert await db.fetchval(TOMBSTONES, plugin_id) == 1
+    await purge_once(store, settings)
+    assert await db.fetchval(TOMBSTONES, plugin_id) == 1, "purged before the retention"
+    await age_tombstones(
+        db, plugin_id, settings.retention_seconds + settings.future_skew_seconds + 60
+    )
+    assert (await purge_once(store, settings) or 0) >= 1
+    assert await db.fetchval(TOMBSTONES, plugin_id) == 0
+    assert await db.fetchval(COUNTED_TOMBSTONES, plugin_id) == 0
+
+
+async def test_a_write_older_than_the_retention_by_the_database_clock_is_stale_when_applied(
+    store: Store, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    # Validated long ago (its batch was retried through a long outage), applied now.
+    then_ms = int(time.time() * 1000) - RULES.retention_ms - 60_000
+    old = write(set_cmd(plugin_id, "k", 1, write_id=uuid7(then_ms + 1)), then_ms)
+    (result,) = await apply(store, old)
+    assert isinstance(result, Stale)
+    assert await state_of(db, plugin_id) == {}
 
 
 async def test_only_one_worker_at_a_time_purges(
@@ -167,6 +197,6 @@ async def test_only_one_worker_at_a_time_purges(
             await holder.execute(
                 "SELECT pg_advisory_xact_lock($1::int, $2::int)", LOCK_CLASS, RETENTION_LOCK
             )
-            assert await purge_once(store, settings, time.time()) is None
+            assert await purge_once(store, settings) is None
     finally:
         await holder.close()

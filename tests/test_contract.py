@@ -123,7 +123,7 @@ def nested_arrays(codec: Codec, depth: int) -> bytes:
     """``[[[...]]]``, ``depth`` levels deep: deeper than msgspec decodes when over ~1000."""
     if codec.content_type == JSON:
         return b"[" * depth + b"]" * depth
-    return b"\x91" * depth + b"\x90"  # fixarray of one element, ..., empty fixarray
+    return b"\x91" * (depth - 1) + b"\x90"  # fixarrays of one element, then an empty one
 
 
 # ------------------------------------------------------------------------ decode+validate
@@ -528,9 +528,67 @@ def test_nan_or_infinity_token_in_json_is_invalid_message(token: str) -> None:
     assert write_error(codec_for(JSON), body).code == "invalid_message"
 
 
-def test_value_nested_beyond_the_decoder_limit_is_unsupported_value(codec: Codec) -> None:
+def test_value_nested_beyond_the_decoder_limit_is_invalid_request(codec: Codec) -> None:
     body = spliced(codec, command(value=RAW), nested_arrays(codec, 5000))
-    assert write_error(codec, body).code == "unsupported_value"
+    assert write_error(codec, body).code == "invalid_request"
+
+
+def test_value_nested_256_deep_is_accepted(codec: Codec) -> None:
+    body = spliced(codec, command(value=RAW), nested_arrays(codec, 256))
+    assert only_entry(decode_and_validate(codec, body)).value_json == "[" * 256 + "]" * 256
+
+
+@pytest.mark.parametrize("depth", [257, 900])
+def test_value_nested_deeper_than_256_is_invalid_request(codec: Codec, depth: int) -> None:
+    body = spliced(codec, command(value=RAW), nested_arrays(codec, depth))
+    error = write_error(codec, body)
+    assert error.code == "invalid_request"
+    assert "256" in error.message or "limit" in error.message
+
+
+def test_objects_count_towards_the_nesting_limit_like_arrays(codec: Codec) -> None:
+    deep: Any = 1
+    for _ in range(257):
+        deep = {"a": deep}
+    assert write_error(codec, command(value=deep)).code == "invalid_request"
+
+
+def test_the_nesting_limit_is_configurable(codec: Codec) -> None:
+    rules = dataclasses.replace(RULES, value_max_depth=3)
+    assert decode_and_validate(codec, command(value=[[[1]]]), rules)
+    assert write_error(codec, command(value=[[[[1]]]]), rules).code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("number", "written_out"), [("1e999", 1000), ("1.5e-999", 1002), ("-2E+5000", 5002)]
+)
+def test_a_number_counts_as_long_as_jsonb_writes_it_out(number: str, written_out: int) -> None:
+    # jsonb keeps numbers as numeric, without exponent: 1e999 reads back as 1000 digits.
+    rules = dataclasses.replace(RULES, value_max_bytes=written_out + 10)
+    body = json_with_number(command(value=RAW), number)
+    entry = only_entry(decode_and_validate(codec_for(JSON), body, rules))
+    assert entry.value_json == number
+    assert written_out <= entry.value_bytes <= written_out + 10
+    small = dataclasses.replace(RULES, value_max_bytes=written_out - 10)
+    assert write_error(codec_for(JSON), body, small).code == "value_too_large"
+
+
+def test_many_small_numbers_that_write_out_huge_are_value_too_large() -> None:
+    # 1e131071 is 8 bytes of JSON and 131072 digits in jsonb: a few of them would be a
+    # reply of gigabytes.
+    body = json_with_number(command(value=RAW), "[" + ",".join(["1e131071"] * 100) + "]")
+    assert write_error(codec_for(JSON), body).code == "value_too_large"
+
+
+@pytest.mark.parametrize("number", ["1e131072", "1e-16384"])
+def test_a_number_jsonb_cannot_hold_is_unsupported_value(number: str) -> None:
+    body = json_with_number(command(value=RAW), number)
+    assert write_error(codec_for(JSON), body).code == "unsupported_value"
+
+
+def test_a_string_that_only_looks_like_a_number_is_not_counted_as_one() -> None:
+    entry = only_entry(decode_and_validate(codec_for(JSON), command(value="1e99999")))
+    assert entry.value_bytes == len('"1e99999"')
 
 
 # -------------------------------------------------------------------- value_too_large
@@ -778,7 +836,7 @@ def test_reserved_word_followed_by_a_newline_is_not_reserved(codec: Codec, word:
 
 DEEP_BODIES: Final = {
     "bare nested array": (None, "invalid_message"),
-    "deep value": (command(value=RAW), "unsupported_value"),
+    "deep value": (command(value=RAW), "invalid_request"),
     "bad key before a deep value": (command(key=5, value=RAW), "invalid_request"),
     "unknown op with a deep value": (command(op="upsert", value=RAW), "invalid_message"),
 }

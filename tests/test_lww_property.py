@@ -23,7 +23,7 @@ from worker.model import Write
 from worker.store import Store
 from worker.validate import Rules, validate_write
 
-from .helpers import trusted_caller, trusting_authorizer, uuid7
+from .helpers import trusted_caller, uuid7
 
 NOW_MS = 1_800_000_000_000
 RULES = Rules(value_max_bytes=1 << 20, retention_ms=7 * 86_400_000, future_skew_ms=300_000)
@@ -97,7 +97,7 @@ async def scenario(database_url: str, stream: list[Any], seed: int) -> None:
         shares = [deliveries[i::APPLIERS] for i in range(APPLIERS)]
 
         async def run_applier(share: list[Write], store: Store) -> None:
-            applier = Applier(store, trusting_authorizer())
+            applier = Applier(store, RULES.retention_ms)
             while share:
                 size = rng.randint(1, 5)
                 chunk, share[:] = share[:size], share[size:]

@@ -249,9 +249,10 @@ async def test_plugins_table_has_a_uuid_id_a_unique_key_and_a_unique_nullable_am
     ]
 
 
-async def test_plugin_state_table_has_exactly_the_reference_columns_plus_version(
+async def test_plugin_state_table_has_exactly_the_reference_columns_plus_ours(
     migrated: asyncpg.Connection,
 ) -> None:
+    # Ours are nullable or have a default, so an existing writer of the table keeps working.
     assert await columns_of(migrated, "plugin_state") == {
         "id": ("uuid", False),
         "plugin_id": ("uuid", False),
@@ -262,6 +263,7 @@ async def test_plugin_state_table_has_exactly_the_reference_columns_plus_version
         "value_json": ("jsonb", False),
         "updated_at": ("timestamp with time zone", False),
         "version": ("uuid", False),
+        "value_bytes": ("integer", True),
     }
     namespace_default = await migrated.fetchval(
         "SELECT column_default FROM information_schema.columns "

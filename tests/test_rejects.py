@@ -185,7 +185,9 @@ async def test_writes_with_reply_to_get_applied_superseded_or_error_after_commit
     prefix: str,
 ) -> None:
     await start_worker()
-    replies = await amqp.declare_queue(exclusive=True)
+    # A reply queue of the caller's own, named as protocol §3 requires.
+    own = Names(prefix).reply_queue_prefix(plugin_id) + "replies"
+    replies = await amqp.declare_queue(own, exclusive=True)
     newer, older = uuid7(), None
     first = set_cmd(plugin_id, "k", "new", write_id=newer)
     older_id = uuid7(int(time.time() * 1000) - 60_000)

@@ -54,16 +54,18 @@ async def write_and_wait(
 ) -> None:
     for command in commands:
         await publish(amqp, prefix, plugin_id, command)
-    last = uuid.UUID(commands[-1]["id"])
+    # Each entry's last write: batches may commit in any order.
+    last = {
+        (c.get("scope_kind"), c.get("scope_id"), c["key"]): uuid.UUID(c["id"]) for c in commands
+    }
 
     async def applied() -> bool:
-        return bool(
-            await db.fetchval(
-                "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1 AND version=$2",
-                plugin_id,
-                last,
-            )
+        count = await db.fetchval(
+            "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1 AND version=ANY($2)",
+            plugin_id,
+            list(last.values()),
         )
+        return bool(count == len(last))
 
     await wait_until(applied, what="the writes to be applied")
 

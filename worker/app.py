@@ -21,18 +21,22 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker.applier import Applier
+from worker.auth import Authorizer
 from worker.broker import BROKER_FAILURES
-from worker.commits import CommitSignal, listen_for_commits
 from worker.config import Settings
 from worker.consumer import CommandConsumer
 from worker.health import HealthServer
+from worker.intake import ReadIntake, WriteIntake
 from worker.metrics import Metrics
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
+from worker.quota import Quota
 from worker.retention import run_retention
 from worker.rpc import RpcServer
 from worker.store import DATABASE_FAILURES, Store, create_pool
 from worker.topology import Names, declare
+from worker.validate import Rules
+from worker.wakeups import CommitNotices, Wakeups
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +58,8 @@ class Worker:
         self.consumer: CommandConsumer | None = None
         self.rpc: RpcServer | None = None
         self.channels: list[AbstractChannel] = []
-        self.commits = CommitSignal()
+        self.wakeups = Wakeups()
+        self.notices: CommitNotices | None = None
         self.database_ok = False
         self.health = HealthServer(
             self.metrics.registry, self.readiness, settings.http_host, settings.http_port
@@ -94,28 +99,44 @@ class Worker:
         await rpc_channel.set_qos(prefetch_count=settings.rpc_prefetch)
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
-        dead_exchange = await confirm_channel.get_exchange(Names(settings.prefix).dead)
+        notices_channel = await self.connection.channel(publisher_confirms=False)
         # Closed in this order at stop: consumers first, publishers last.
-        self.channels = [commands_channel, rpc_channel, reply_channel, confirm_channel]
-        publisher = Publisher(reply_channel, dead_exchange)
+        self.channels = [
+            commands_channel,
+            rpc_channel,
+            notices_channel,
+            reply_channel,
+            confirm_channel,
+        ]
+        names = Names(settings.prefix)
+        publisher = Publisher(reply_channel, confirm_channel, names.dead)
+        self.notices = CommitNotices(notices_channel, settings.prefix, self.instance, self.wakeups)
+        await self.notices.start()
         plugins = PluginDirectory(self.store, settings.plugin_cache_seconds)
+        authorizer = Authorizer.from_settings(settings)
+        rules = Rules.from_settings(settings)
+        notices = self.notices
         self.consumer = CommandConsumer(
             settings=settings,
             channel=commands_channel,
-            applier=Applier(self.store, settings.authorizer, settings.quota, plugins),
+            intake=WriteIntake(names, rules, authorizer),
+            plugins=plugins,
+            applier=Applier(self.store, rules.retention_ms, Quota.from_settings(settings)),
             publisher=publisher,
             metrics=self.metrics,
             clock=self.clock,
-            on_commit=self.commits.notify,
+            on_commit=lambda changed: notices.committed({key.plugin_id for key in changed}),
         )
         self.rpc = RpcServer(
             settings=settings,
             channel=rpc_channel,
+            intake=ReadIntake(names, rules, authorizer),
             store=self.store,
+            plugins=plugins,
             publisher=publisher,
             metrics=self.metrics,
-            commits=self.commits,
-            plugins=plugins,
+            wakeups=self.wakeups,
+            clock=self.clock,
         )
         if "writes" in settings.roles:
             await self.consumer.start()
@@ -131,19 +152,8 @@ class Worker:
             consuming = group.create_task(self.consumer.run(), name="commands")
             serving = group.create_task(self.rpc.run(), name="rpc")
             background = [
-                group.create_task(
-                    run_retention(self.store, settings, self.clock), name="retention"
-                ),
+                group.create_task(run_retention(self.store, settings), name="retention"),
                 group.create_task(self._watch_database(), name="database-watch"),
-                group.create_task(
-                    listen_for_commits(
-                        settings.database_url,
-                        self.commits,
-                        settings.retry_initial_seconds,
-                        settings.retry_max_seconds,
-                    ),
-                    name="commit-listener",
-                ),
             ]
             await self.stopping.wait()
             log.info("worker_draining")
@@ -188,6 +198,8 @@ class Worker:
             await asyncio.sleep(_WATCH_INTERVAL)
 
     async def stop(self) -> None:
+        if self.notices is not None:
+            await self.notices.stop()
         # Each channel is closed with a handshake, so the broker has taken every ack sent
         # on it before the connection goes.
         for channel in self.channels:

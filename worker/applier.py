@@ -1,158 +1,144 @@
-"""Applies a batch of validated writes to Postgres: last writer wins, per entry.
+"""Applies validated writes to Postgres, one bounded transaction at a time.
 
-The batch becomes one set-based transaction. When Postgres refuses the batch because of
-what one write holds, the batch is split in halves until the culprit stands alone; its
-batch-mates are still applied. Failures that are not a write's fault (Postgres down, a lost
-connection) propagate to the caller, who pauses and retries the whole batch.
+A batch of messages becomes one or more transactions, each bounded in entry writes and in
+bytes (``transactions``): the size of a transaction follows from what it writes, not from how
+many messages carried it. Each transaction locks its plugins, reads the entries it touches,
+decides every write in Python (``worker.decisions``) and stores the winners in one statement.
+
+When Postgres refuses a transaction because of what one write holds, it is split in halves
+until the culprit stands alone; its transaction-mates are still applied. A transaction that
+times out while Postgres answers otherwise is split the same way, so that no write can hold
+a batch back for ever; a single write that keeps timing out is the caller's to judge
+(``TIMED_OUT``). Failures that are not a write's fault (Postgres down, a lost
+connection) propagate to the caller, who pauses and retries.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 import asyncpg
 import structlog
 
-from schemas.errors import Internal, StateError, UnknownPlugin, UnsupportedValue
-from worker.auth import Authorizer
-from worker.model import EntryKey, EntryWrite, Outcome, Write
-from worker.plugins import PluginDirectory
-from worker.quota import Quota, check_quota
-from worker.store import Store
+from schemas.errors import Internal, InvalidRequest, StateError, UnknownPlugin, UnsupportedValue
+from worker.decisions import Result, decide
+from worker.model import EntryKey, Write
+from worker.quota import Quota
+from worker.store import Store, StoreInconsistent
 
 log = structlog.get_logger(__name__)
 
-Result = Outcome | StateError
-
 # SQLSTATE classes that mean "this data cannot be stored", the message's fault:
 # 22 data exception, 23 integrity constraint violation, 54 program limit exceeded.
-_MESSAGE_FAULTS = (
+_MESSAGE_FAULTS: Final = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
+    StoreInconsistent,
 )
+# A statement that ran out of time: asyncpg's command timeout, or Postgres' statement_timeout.
+TIMEOUTS: Final = (TimeoutError, asyncpg.QueryCanceledError)
+_PING_SECONDS: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
-    """The entry writes to send, each entry once, and which write each came from."""
-
-    entries: list[EntryWrite]
-    origin: list[int]
+class TimedOut:
+    """The outcome of a write that timed out on its own while Postgres answered a ping: the
+    caller decides whether to try again."""
 
 
-def plan(writes: Sequence[Write], indices: Sequence[int]) -> _Plan:
-    """Keep, per entry, the newest write: greatest id, and within one batch the later op.
+TIMED_OUT: Final = TimedOut()
 
-    Postgres cannot upsert one row twice in a statement, and the newest write would win
-    there anyway; the rest are superseded without a round trip.
-    """
-    best: dict[EntryKey, tuple[uuid.UUID, int, EntryWrite, int]] = {}
-    for index in indices:
-        for position, entry_write in enumerate(writes[index].entries):
-            current = best.get(entry_write.entry)
-            # A later op of the same batch (same id) replaces an earlier one; an equal id
-            # from another message is a redelivered duplicate and changes nothing.
-            if (
-                current is None
-                or entry_write.version > current[0]
-                or (
-                    entry_write.version == current[0]
-                    and current[3] == index
-                    and position > current[1]
-                )
-            ):
-                best[entry_write.entry] = (entry_write.version, position, entry_write, index)
-    return _Plan(
-        entries=[item[2] for item in best.values()],
-        origin=[item[3] for item in best.values()],
-    )
+
+@dataclass(slots=True)
+class Applied:
+    """The outcome of each write, and the entries that changed."""
+
+    results: list[Result | TimedOut]
+    changed: list[EntryKey] = field(default_factory=list)
+
+    def __add__(self, other: Applied) -> Applied:
+        return Applied(self.results + other.results, self.changed + other.changed)
+
+
+def transactions(writes: Sequence[Write], max_ops: int, max_bytes: int) -> list[list[int]]:
+    """Group writes, in order, into transactions of at most ``max_ops`` entry writes and
+    ``max_bytes`` bytes of values; a write larger than that on its own stands alone."""
+    groups: list[list[int]] = []
+    ops = size = 0
+    for index, write in enumerate(writes):
+        write_ops, write_bytes = len(write.entries), write.value_bytes
+        if groups and ops + write_ops <= max_ops and size + write_bytes <= max_bytes:
+            groups[-1].append(index)
+            ops += write_ops
+            size += write_bytes
+        else:
+            groups.append([index])
+            ops, size = write_ops, write_bytes
+    return groups
 
 
 def _classify(exc: Exception, write: Write) -> StateError:
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
         return UnknownPlugin(f"plugin {write.plugin_id} is not registered")
-    if isinstance(
-        exc, asyncpg.UntranslatableCharacterError | asyncpg.CharacterNotInRepertoireError
-    ):
+    if isinstance(exc, asyncpg.DataError):
         return UnsupportedValue(f"Postgres cannot store the value: {exc}")
+    if isinstance(exc, asyncpg.ProgramLimitExceededError):
+        return InvalidRequest(f"the write exceeds a limit of Postgres: {exc}")
+    if isinstance(exc, StoreInconsistent):
+        return Internal(f"the write could not be applied consistently: {exc}")
     return Internal(f"Postgres refused the write ({exc.sqlstate}): {exc}")  # type: ignore[attr-defined]
 
 
 class Applier:
     """Turns validated writes into outcomes: applied, superseded, or a typed error."""
 
-    def __init__(
-        self,
-        store: Store,
-        authorizer: Authorizer,
-        quota: Quota | None = None,
-        plugins: PluginDirectory | None = None,
-    ) -> None:
+    def __init__(self, store: Store, retention_ms: int, quota: Quota | None = None) -> None:
         self.store = store
-        self.plugins = plugins or PluginDirectory(store, ttl_seconds=0)
-        self.authorizer = authorizer
+        self.retention_ms = retention_ms
         self.quota = quota or Quota()
 
-    async def apply(self, writes: Sequence[Write]) -> list[Result]:
-        results: list[Result | None] = [None] * len(writes)
-        owners = await self.plugins.owners(w.plugin_id for w in writes)
-        candidates = []
-        for index, write in enumerate(writes):
-            refused = self.authorizer.check(write.caller, write.plugin_id, owners, "cmd")
-            if refused is None:
-                candidates.append(index)
-            else:
-                results[index] = refused
-        if self.quota.enabled and candidates:
-            candidates = await self._within_quota(writes, candidates, results)
-        await self._apply(writes, candidates, results)
-        return [r if r is not None else Internal("write was not applied") for r in results]
+    async def apply(self, writes: Sequence[Write]) -> list[Result | TimedOut]:
+        """The outcome of each of ``writes``, applied as one transaction."""
+        applied = await self.apply_transaction(writes)
+        return applied.results
 
-    async def _within_quota(
-        self, writes: Sequence[Write], indices: list[int], results: list[Result | None]
-    ) -> list[int]:
-        chosen = [writes[i] for i in indices]
-        usage = await self.store.plugin_usage(list({w.plugin_id for w in chosen}))
-        touched = list({e.entry for w in chosen for e in w.entries})
-        lookups = await self.store.lookup_entries([(entry, None) for entry in touched])
-        sizes = {
-            entry: None if lookup.value is None else len(lookup.value.value_json.encode())
-            for entry, lookup in zip(touched, lookups, strict=True)
-        }
-        allowed = []
-        for index, error in zip(
-            indices, check_quota(self.quota, chosen, usage, sizes), strict=True
-        ):
-            if error is None:
-                allowed.append(index)
-            else:
-                results[index] = error
-        return allowed
-
-    async def _apply(
-        self, writes: Sequence[Write], indices: list[int], results: list[Result | None]
-    ) -> None:
-        if not indices:
-            return
-        batch_plan = plan(writes, indices)
+    async def apply_transaction(self, writes: Sequence[Write]) -> Applied:
+        """Apply ``writes`` in one transaction, split to isolate a culprit or a time-out."""
+        if not writes:
+            return Applied([])
         try:
-            won = await self.store.apply_entries(batch_plan.entries)
+            return await self._attempt(writes)
         except _MESSAGE_FAULTS as exc:
-            if len(indices) == 1:
-                write = writes[indices[0]]
-                results[indices[0]] = _classify(exc, write)
-                log.warning("write_refused_by_postgres", id=str(write.id), error=str(exc))
-                return
-            middle = len(indices) // 2
-            log.info("batch_split", size=len(indices), error=type(exc).__name__)
-            await self._apply(writes, indices[:middle], results)
-            await self._apply(writes, indices[middle:], results)
-            return
-        for index in indices:
-            results[index] = "superseded"
-        for entry_write, index in zip(batch_plan.entries, batch_plan.origin, strict=True):
-            if entry_write.entry in won:
-                results[index] = "applied"
+            if len(writes) == 1:
+                log.warning("write_refused_by_postgres", id=str(writes[0].id), error=str(exc))
+                return Applied([_classify(exc, writes[0])])
+            reason = type(exc).__name__
+        except TIMEOUTS:
+            # Postgres itself not answering is an outage, not this transaction's fault.
+            await self.store.ping(timeout=_PING_SECONDS)
+            if len(writes) == 1:
+                log.warning("write_timed_out", id=str(writes[0].id))
+                return Applied([TIMED_OUT])
+            reason = "timeout"
+        middle = len(writes) // 2
+        log.info("transaction_split", size=len(writes), reason=reason)
+        return await self.apply_transaction(writes[:middle]) + await self.apply_transaction(
+            writes[middle:]
+        )
+
+    async def _attempt(self, writes: Sequence[Write]) -> Applied:
+        keys = list(dict.fromkeys(e.entry for w in writes for e in w.entries))
+        async with self.store.write_transaction() as tx:
+            usage, now_ms = await tx.lock_plugins(w.plugin_id for w in writes)
+            states = await tx.read_entries(keys) if usage else {}
+            cutoff_ms = (now_ms or 0) - self.retention_ms
+            decision = decide(writes, states, usage, self.quota, cutoff_ms, self.retention_ms)
+            await tx.write_entries(decision.stores, decision.usage)
+        results: list[Result | TimedOut] = list(decision.results)
+        return Applied(results, [s.entry for s in decision.stores])
+
+
+__all__ = ["TIMED_OUT", "Applied", "Applier", "Result", "TimedOut", "transactions"]

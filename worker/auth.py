@@ -15,9 +15,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from schemas.errors import Forbidden, StateError, UnknownPlugin
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 AuthMode = Literal["strict", "permissive"]
 Route = Literal["cmd", "rpc"]
@@ -46,6 +49,12 @@ def routed_plugin(routing_key: str, route: Route) -> uuid.UUID | None:
 class Authorizer:
     trusted_users: frozenset[str]
     mode: AuthMode = "strict"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authorizer:
+        return cls(
+            settings.trusted_users, "strict" if settings.auth_mode == "strict" else "permissive"
+        )
 
     def check(
         self,

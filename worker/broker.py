@@ -12,11 +12,16 @@ from typing import Final
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
+from worker import frames
+
 log = structlog.get_logger(__name__)
+
+# Before any connection: no property a publisher sets may close it.
+frames.make_total()
 
 # What the broker side may raise at a publish, an ack or a cancel: the connection or channel
 # is gone or refused us. Callers keep their work unacked, so it comes back.
@@ -49,11 +54,12 @@ class Delivery:
     """A delivered message as aiormq hands it over, without aio-pika's per-message wrapper
     object and extra task (a fifth of the write path's CPU in the profile)."""
 
-    __slots__ = ("raw", "received")
+    __slots__ = ("generation", "raw", "received")
 
-    def __init__(self, raw: DeliveredMessage, received: float) -> None:
+    def __init__(self, raw: DeliveredMessage, received: float, generation: int = 0) -> None:
         self.raw = raw
         self.received = received
+        self.generation = generation
 
     @property
     def body(self) -> bytes:
@@ -99,16 +105,25 @@ class Delivery:
     def channel(self) -> aiormq.abc.AbstractChannel:
         return self.raw.channel
 
-    def as_incoming(self) -> AbstractIncomingMessage:
-        """aio-pika's view of it, for the rare paths that want one (dead-lettering)."""
-        return aio_pika.IncomingMessage(self.raw, no_ack=False)
+
+async def nack_all(deliveries: Iterable[Delivery]) -> None:
+    """Give deliveries back to their queue (requeue), one by one: after a failure that was
+    not theirs, so that a later ``multiple`` ack cannot cover them."""
+    for delivery in deliveries:
+        try:
+            await delivery.channel.basic_nack(delivery.delivery_tag, requeue=True)
+        except BROKER_FAILURES as exc:
+            # The channel is gone, and the broker requeues what it held.
+            log.info("nack_lost_with_channel", error=repr(exc))
+            return
 
 
 async def ack_all(deliveries: Iterable[Delivery]) -> None:
     """Ack deliveries settled in order: one ack with `multiple` per channel.
 
-    Only for deliveries whose channel holds no older unsettled one. After a reconnect a
-    batch can span two channels; the old one's messages are redelivered by the broker.
+    Only for deliveries whose channel holds no older unsettled one: a delivery that could
+    not be settled must have been given back (``nack_all``) first. After a reconnect a batch
+    can span two channels; the old one's messages are redelivered by the broker.
     """
     last: dict[int, Delivery] = {}
     for delivery in deliveries:
@@ -123,11 +138,19 @@ async def ack_all(deliveries: Iterable[Delivery]) -> None:
 
 
 class Subscription:
-    """A consumer on one queue that survives reconnects, with explicit start and stop.
+    """A consumer on one queue, on or off as its owner wants, kept so through reconnects,
+    broker cancels and failures.
 
-    It consumes through aiormq directly, so aio-pika's robust channel does not restore it:
-    ``keep`` (a task of the owner's task group) subscribes again after every reopen, as
-    long as the owner wants to consume.
+    The owner starts it, and holds it back for a reason (``hold``) until the reason passes
+    (``release``): draining, a failing database, or too many bytes held unsettled (RabbitMQ's
+    prefetch counts messages, not bytes, so the subscription counts the bodies it hands out
+    and steps back past ``max_held_bytes``; the owner reports what it settled with
+    ``settled``). It consumes while started and not held. When reality differs (a channel
+    reopened after a reconnect, the broker cancelled the consumer because a node went down or
+    the queue moved, a ``basic.consume`` failed), ``keep`` (a task of the owner's task group)
+    makes it so again, with capped exponential back-off.
+
+    It consumes through aiormq directly, so aio-pika's robust channel does not restore it.
     """
 
     def __init__(
@@ -135,57 +158,125 @@ class Subscription:
         channel: AbstractRobustChannel,
         queue: str,
         on_delivery: Callable[[Delivery], None],
+        *,
+        max_held_bytes: int = 0,
+        retry_initial: float = 0.2,
+        retry_max: float = 10.0,
     ) -> None:
         self.channel = channel
         self.queue = queue
         self.on_delivery = on_delivery
-        self._wanted = False
+        self.max_held_bytes = max_held_bytes
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.held_bytes = 0
+        self._started = False
+        self._holds: set[str] = set()
         self._tag: str | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
-        self._reopened = asyncio.Event()
+        self._generation = 0
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
     def consuming(self) -> bool:
         return self._tag is not None
 
+    @property
+    def wanted(self) -> bool:
+        return self._started and not self._holds
+
     async def start(self) -> None:
-        self._wanted = True
-        if self._tag is None:
-            underlay = await self.channel.get_underlay_channel()
-            ok = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
-            self._underlay, self._tag = underlay, ok.consumer_tag
+        """Consume (raising if the broker refuses: a start-up error)."""
+        self._started = True
+        async with self._lock:
+            await self._reconcile()
 
     async def stop(self) -> None:
-        """Stop deliveries; those already sent still reach ``on_delivery`` before this
-        returns. What is held stays held (unacked) until settled or the channel closes."""
-        self._wanted = False
-        tag, self._tag = self._tag, None
-        if tag is not None and self._underlay is not None:
-            try:
-                await self._underlay.basic_cancel(tag)
-            except BROKER_FAILURES as exc:
-                # The channel is gone, and with it the subscription and its deliveries.
-                log.info("unsubscribe_failed", queue=self.queue, error=repr(exc))
+        """Stop deliveries for good; those already sent still reach ``on_delivery`` before
+        this returns. What is held stays held (unacked) until settled or the channel
+        closes."""
+        await self.hold("stopped")
         await settle_deliveries()
 
+    async def hold(self, reason: str) -> None:
+        """Stop consuming until ``release(reason)``."""
+        self._holds.add(reason)
+        await self._try_reconcile()
+
+    async def release(self, reason: str) -> None:
+        """Consume again once no reason holds it back (retried by ``keep`` on failure)."""
+        if reason in self._holds:
+            self._holds.discard(reason)
+            await self._try_reconcile()
+
+    def settled(self, deliveries: Iterable[Delivery]) -> None:
+        """The owner has acked, nacked or dead-lettered these: their bytes are free."""
+        freed = sum(len(d.body) for d in deliveries if d.generation == self._generation)
+        self.held_bytes = max(0, self.held_bytes - freed)
+        if "held_bytes" in self._holds and self.held_bytes <= self.max_held_bytes // 2:
+            self._holds.discard("held_bytes")
+            self._changed.set()
+
     async def keep(self) -> None:
-        """Subscribe again after each channel reopen, until cancelled."""
+        """Make the consumer what the owner wants after every change, until cancelled."""
+        delay = self.retry_initial
         while True:
-            await self._reopened.wait()
-            self._reopened.clear()
-            if not self._wanted:
-                continue
+            await self._changed.wait()
+            self._changed.clear()
             try:
-                await self.start()
+                async with self._lock:
+                    await self._reconcile()
             except BROKER_FAILURES as exc:
-                log.warning("resubscribe_failed", queue=self.queue, error=repr(exc))
+                log.warning("subscription_retry", queue=self.queue, error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+                self._changed.set()
             else:
-                log.info("resubscribed", queue=self.queue)
+                delay = self.retry_initial
+
+    async def _try_reconcile(self) -> None:
+        try:
+            async with self._lock:
+                await self._reconcile()
+        except BROKER_FAILURES as exc:
+            log.info("subscription_change_deferred", queue=self.queue, error=repr(exc))
+            self._changed.set()
+
+    async def _reconcile(self) -> None:
+        if self.wanted and self._tag is None:
+            underlay = await self.channel.get_underlay_channel()
+            ok = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
+            if underlay is not self._underlay:
+                underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            self._underlay, self._tag = underlay, ok.consumer_tag
+            log.info("subscribed", queue=self.queue)
+        elif not self.wanted and self._tag is not None:
+            tag, self._tag = self._tag, None
+            if self._underlay is not None and not self._underlay.is_closed:
+                await self._underlay.basic_cancel(tag)
 
     def _on_reopen(self, *_args: object) -> None:
+        # The old channel's deliveries are gone with it (the broker requeues them).
         self._tag = None
-        self._reopened.set()
+        self._generation += 1
+        self.held_bytes = 0
+        self._holds.discard("held_bytes")
+        self._changed.set()
+
+    def _on_broker_cancel(self, frame: object) -> None:
+        if getattr(frame, "consumer_tag", None) == self._tag:
+            log.warning("consumer_cancelled_by_broker", queue=self.queue)
+            self._tag = None
+            self._changed.set()
 
     async def _deliver(self, raw: DeliveredMessage) -> None:
-        self.on_delivery(Delivery(raw, time.monotonic()))
+        delivery = Delivery(raw, time.monotonic(), self._generation)
+        if self.max_held_bytes:
+            self.held_bytes += len(raw.body)
+            if self.held_bytes > self.max_held_bytes and "held_bytes" not in self._holds:
+                log.info("holding_back_deliveries", queue=self.queue, held_bytes=self.held_bytes)
+                self._holds.add("held_bytes")
+                self._changed.set()
+        self.on_delivery(delivery)

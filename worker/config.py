@@ -14,9 +14,6 @@ from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from worker.auth import Authorizer
-from worker.quota import Quota
-
 ENV_PREFIX: Final = "PLUGIN_STATE_"
 
 
@@ -48,6 +45,9 @@ class Settings:
     """Most entries per plugin; 0 means no quota."""
     quota_bytes: int = 0
     """Most bytes of values' JSON text per plugin; 0 means no quota."""
+    quota_tombstones: int = 0
+    """Most tombstones (deleted or expired entries remembered for the retention) per plugin;
+    0 means no quota."""
 
     roles: frozenset[str] = frozenset({"writes", "reads"})
     """What this worker serves: `writes` (the commands queue), `reads` (the rpc queue), or both."""
@@ -65,6 +65,23 @@ class Settings:
     """Unanswered read requests held per worker."""
     value_max_bytes: int = 1024 * 1024
     """Largest value, measured as its JSON encoding."""
+    value_max_depth: int = 256
+    """Deepest nesting of arrays and objects in a value; deeper is `invalid_request`."""
+    max_reply_bytes: int = 8 * 1024 * 1024
+    """Largest reply body: `list` pages end early to stay under it, a larger `get_many` is
+    answered `reply_too_large`. Below the broker's largest message, above twice the largest
+    value (jsonb renders a value's text up to half again as long as it was sent)."""
+    transaction_max_ops: int = 5000
+    """Most entry writes applied in one Postgres transaction (a batch of messages is split
+    into several transactions past it; one message is never split)."""
+    transaction_max_bytes: int = 16 * 1024 * 1024
+    """Most bytes of values applied in one Postgres transaction, likewise."""
+    held_max_bytes: int = 64 * 1024 * 1024
+    """Bytes of message bodies a worker holds unsettled per queue before it stops taking
+    more (RabbitMQ's prefetch counts messages only)."""
+    max_waiting_reads: int = 64
+    """Reads of one plugin that may wait for their `after` write at once in one worker;
+    past it a read is answered `write_pending` at once."""
     retention_seconds: int = 7 * 24 * 3600
     """How long tombstones are kept; older writes are rejected as `stale`."""
     future_skew_seconds: int = 300
@@ -100,16 +117,6 @@ class Settings:
         return self.prefetch or (self.apply_concurrency + 1) * self.batch_size
 
     @property
-    def authorizer(self) -> Authorizer:
-        return Authorizer(
-            self.trusted_users, "strict" if self.auth_mode == "strict" else "permissive"
-        )
-
-    @property
-    def quota(self) -> Quota:
-        return Quota(self.quota_entries, self.quota_bytes)
-
-    @property
     def retention(self) -> timedelta:
         return timedelta(seconds=self.retention_seconds)
 
@@ -142,6 +149,12 @@ class Settings:
             "apply_concurrency",
             "rpc_prefetch",
             "value_max_bytes",
+            "value_max_depth",
+            "max_reply_bytes",
+            "transaction_max_ops",
+            "transaction_max_bytes",
+            "held_max_bytes",
+            "max_waiting_reads",
             "retention_seconds",
             "retention_interval_seconds",
             "delivery_limit",
@@ -157,7 +170,12 @@ class Settings:
             raise ConfigError(f"{_env_name('auth_mode')} must be strict or permissive")
         if self.plugin_cache_seconds < 0:
             raise ConfigError(f"{_env_name('plugin_cache_seconds')} cannot be negative")
-        if self.quota_entries < 0 or self.quota_bytes < 0:
+        if self.max_reply_bytes < 2 * self.value_max_bytes + 64 * 1024:
+            raise ConfigError(
+                f"{_env_name('max_reply_bytes')} must be at least twice "
+                f"{_env_name('value_max_bytes')} plus 64 KiB, so that any value fits in a reply"
+            )
+        if min(self.quota_entries, self.quota_bytes, self.quota_tombstones) < 0:
             raise ConfigError("quotas cannot be negative (0 means no quota)")
         if self.batch_wait_ms < 0 or self.prefetch < 0 or self.future_skew_seconds < 0:
             raise ConfigError("batch wait, prefetch and future skew cannot be negative")

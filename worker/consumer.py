@@ -1,14 +1,17 @@
-"""The write path: deliveries in, batches applied in Postgres, then acks.
+"""The write path: deliveries in, bounded transactions applied in Postgres, then acks.
 
 Two tasks form a pipeline: ``_collect`` groups deliveries into batches (up to
 ``batch_size`` messages; it waits up to ``batch_wait_ms`` for more only while Postgres is
-busy with earlier batches), while ``_process`` applies up to ``apply_concurrency`` batches
-at once, each in one transaction, and settles them in delivery order: rejects are
-dead-lettered (with confirms), callers that asked get their reply, and each batch is acked
-with one ``multiple`` ack per channel. Nothing is acked before it is committed or
-dead-lettered.
+busy with earlier batches), while ``_process`` handles up to ``apply_concurrency`` batches
+at once and settles them in delivery order. Handling a batch: every delivery goes through
+``worker.intake`` (decode, authorize, validate: an outcome per message, never an exception),
+the valid writes are applied in transactions bounded in ops and bytes (``worker.applier``),
+then settling: rejects are dead-lettered (with confirms), callers that asked get their reply,
+and the batch is acked with one ``multiple`` ack per channel. Nothing is acked before it is
+committed or dead-lettered; a delivery whose dead letter or reply could not be sent is given
+back to the queue (nacked) before the ack, so that the ``multiple`` ack cannot cover it.
 
-When Postgres fails, the consumer pauses (cancels its subscription, so no more deliveries
+When Postgres fails, the consumer pauses (holds its subscription, so no more deliveries
 arrive), keeps what it holds, retries with capped back-off, and resumes. ``drain`` stops
 consuming and finishes what is held; it is what SIGTERM calls.
 """
@@ -19,30 +22,38 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractRobustChannel
 
-from schemas.codec import JSON, Codec, codec_for
 from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
-from worker.applier import Applier, Result
-from worker.auth import Caller
-from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all
+from worker.applier import Applier, TimedOut, transactions
+from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
 from worker.config import Settings
+from worker.decisions import Result
+from worker.intake import ReceivedWrite, WriteIntake
 from worker.metrics import Metrics
-from worker.model import Write
+from worker.model import EntryKey, Write
+from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
 from worker.topology import Names
-from worker.validate import Rules, uuid7_millis, validate_write
+from worker.validate import uuid7_millis
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
 
 _STOP: Final = object()
+_SLICE: Final = 64
+"""Messages decoded between two yields to the event loop, so that a large batch never
+holds up the read path (which shares the loop) for more than a moment."""
+TIMEOUT_STRIKES: Final = 3
+"""Times one write may time out on its own, while Postgres answers, before it is
+dead-lettered as ``internal`` (so that it cannot hold its queue back for ever)."""
 
 
 class DrainTimeout(RuntimeError):
@@ -56,28 +67,37 @@ class CommandConsumer:
         self,
         settings: Settings,
         channel: AbstractRobustChannel,
+        intake: WriteIntake,
+        plugins: PluginDirectory,
         applier: Applier,
         publisher: Publisher,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
-        on_commit: Callable[[], None] = lambda: None,
+        on_commit: Callable[[Sequence[EntryKey]], None] = lambda _changed: None,
     ) -> None:
         self.settings = settings
         self.subscription = Subscription(
-            channel, Names(settings.prefix).commands_queue, self._on_delivery
+            channel,
+            Names(settings.prefix).commands_queue,
+            self._on_delivery,
+            max_held_bytes=settings.held_max_bytes,
+            retry_initial=settings.retry_initial_seconds,
+            retry_max=settings.retry_max_seconds,
         )
+        self.intake = intake
+        self.plugins = plugins
         self.applier = applier
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
         self.on_commit = on_commit
-        self.rules = Rules.from_settings(settings)
         self._inbox: asyncio.Queue[Delivery | object] = asyncio.Queue()
         self._batches: asyncio.Queue[list[Delivery] | None] = asyncio.Queue(1)
         self._applying = 0
         self._draining = False
         self._stopped = False
         self._drain_deadline = float("inf")
+        self._strikes: Counter[uuid.UUID] = Counter()
         self.paused = False
         self.received = 0
         self.acked = 0
@@ -116,14 +136,14 @@ class CommandConsumer:
         if not self.paused:
             self.paused = True
             self.metrics.paused.set(1)
-            await self.subscription.stop()
+            await self.subscription.hold("database")
 
     async def resume(self) -> None:
         if self.paused:
             self.paused = False
             self.metrics.paused.set(0)
-            if not self._draining:
-                await self.subscription.start()
+            # A broker hiccup here is the subscription's to retry, not this batch's.
+            await self.subscription.release("database")
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self.received += 1
@@ -168,9 +188,9 @@ class CommandConsumer:
         await self._batches.put(None)
 
     async def _process(self) -> None:
-        """Apply up to ``apply_concurrency`` batches at once, each in its own transaction
-        (last writer wins does not care in which order they commit), and settle them in
-        delivery order, which the `multiple` acks need."""
+        """Handle up to ``apply_concurrency`` batches at once (last writer wins does not
+        care in which order they commit), and settle them in delivery order, which the
+        `multiple` acks need."""
         slots = asyncio.Semaphore(self.settings.apply_concurrency)
         loop = asyncio.get_running_loop()
         previous: asyncio.Future[None] | None = None
@@ -192,54 +212,86 @@ class CommandConsumer:
         slots: asyncio.Semaphore,
     ) -> None:
         try:
-            results, ids = await self._apply_batch(batch)
+            received, results = await self._apply_batch(batch)
             if previous is not None:
                 await previous
-            await self._settle(batch, results, ids)
+            await self._settle(received, results)
         finally:
             self._applying -= 1
             slots.release()
             if not settled.done():
                 settled.set_result(None)
 
-    async def _apply_batch(
-        self, batch: list[Delivery]
-    ) -> tuple[list[Result], list[uuid.UUID | None]]:
+    async def _apply_batch(self, batch: list[Delivery]) -> tuple[list[ReceivedWrite], list[Result]]:
+        received = []
+        for position, message in enumerate(batch):
+            received.append(self.intake.receive(message))
+            if position % _SLICE == _SLICE - 1:
+                await asyncio.sleep(0)
+        wanted = {plugin for r in received for plugin in r.plugins()}
+        owners = await self._until_done(lambda: self.plugins.owners(wanted)) if wanted else {}
         now_ms = int(self.clock() * 1000)
         results: list[Result] = []
-        ids: list[uuid.UUID | None] = []
         writes: list[Write] = []
         positions: list[int] = []
-        for position, message in enumerate(batch):
-            try:
-                codec = codec_for(message.content_type)
-                command = codec.decode_write(message.body)
-                caller = Caller(message.user_id, message.routing_key)
-                msgpack = codec.content_type != JSON
-                write = validate_write(command, now_ms, self.rules, caller, msgpack=msgpack)
-            except StateError as exc:
-                results.append(exc)
-                ids.append(None)
-                continue
-            results.append("superseded")
-            ids.append(write.id)
-            writes.append(write)
-            positions.append(position)
+        for position, item in enumerate(received):
+            admitted = self.intake.admit(item, owners, now_ms)
+            if isinstance(admitted, StateError):
+                results.append(admitted)
+            else:
+                results.append("superseded")
+                writes.append(admitted)
+                positions.append(position)
+            if position % _SLICE == _SLICE - 1:
+                await asyncio.sleep(0)
         if writes:
             started = time.perf_counter()
-            outcomes = await self._apply_until_done(writes)
+            bounds = self.settings.transaction_max_ops, self.settings.transaction_max_bytes
+            for group in transactions(writes, *bounds):
+                outcomes = await self._apply_group([writes[i] for i in group])
+                for index, outcome in zip(group, outcomes, strict=True):
+                    results[positions[index]] = outcome
             self.metrics.apply_seconds.observe(time.perf_counter() - started)
-            self.on_commit()
-            for position, outcome in zip(positions, outcomes, strict=True):
-                results[position] = outcome
         self.metrics.batch_size.observe(len(batch))
-        return results, ids
+        return received, results
 
-    async def _apply_until_done(self, writes: list[Write]) -> list[Result]:
+    async def _apply_group(self, writes: list[Write]) -> list[Result]:
+        """Apply one transaction's writes until each has an outcome: retried through
+        Postgres outages; a write that keeps timing out on its own is given up on."""
+        results: list[Result | None] = [None] * len(writes)
+        pending = list(range(len(writes)))
+        while pending:
+            group = [writes[i] for i in pending]
+            applied = await self._until_done(
+                lambda group=group: self.applier.apply_transaction(group)  # type: ignore[misc]
+            )
+            if applied.changed:
+                self.on_commit(applied.changed)
+            retry = []
+            for index, outcome in zip(pending, applied.results, strict=True):
+                if not isinstance(outcome, TimedOut):
+                    results[index] = outcome
+                    continue
+                write_id = writes[index].id
+                self._strikes[write_id] += 1
+                if self._strikes[write_id] < TIMEOUT_STRIKES:
+                    retry.append(index)
+                    continue
+                del self._strikes[write_id]
+                results[index] = Internal(
+                    f"applying this write timed out {TIMEOUT_STRIKES} times while Postgres "
+                    "answered otherwise; it is dead-lettered so that it cannot hold the "
+                    "queue back (replay it once the cause is found)"
+                )
+            pending = retry
+        return [r if r is not None else Internal("write was not applied") for r in results]
+
+    async def _until_done(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` until Postgres lets it finish: pause while it fails."""
         delay = self.settings.retry_initial_seconds
         while True:
             try:
-                outcomes = await self.applier.apply(writes)
+                outcome = await attempt()
             except DATABASE_FAILURES as exc:
                 if time.monotonic() > self._drain_deadline:
                     raise DrainTimeout("Postgres still failing at the drain deadline") from exc
@@ -252,18 +304,17 @@ class CommandConsumer:
             if self.paused:
                 log.info("database_back_resuming")
                 await self.resume()
-            return outcomes
+            return outcome
 
-    async def _settle(
-        self,
-        batch: list[Delivery],
-        results: list[Result],
-        ids: list[uuid.UUID | None],
-    ) -> None:
-        sends = []
+    # ------------------------------------------------------------------ settling
+
+    async def _settle(self, received: list[ReceivedWrite], results: list[Result]) -> None:
+        sends: list[Awaitable[None]] = []
+        owners: list[int] = []
         outcomes: Counter[str] = Counter()
         oldest_applied: uuid.UUID | None = None
-        for message, result, write_id in zip(batch, results, ids, strict=True):
+        for index, (item, result) in enumerate(zip(received, results, strict=True)):
+            message = item.message
             if isinstance(result, StateError):
                 self.metrics.count_reject(result.code)
                 log.info(
@@ -272,44 +323,46 @@ class CommandConsumer:
                     reason=result.message[:200],
                     routing_key=message.routing_key,
                 )
-                sends.append(self.publisher.dead_letter(message.as_incoming(), result))
+                sends.append(self.publisher.dead_letter(message, result))
+                owners.append(index)
             else:
                 outcomes[result] += 1
-                if result == "applied" and write_id is not None:
-                    oldest_applied = min(write_id, oldest_applied or write_id)
-            if message.reply_to:
-                sends.append(self._reply(message, result, write_id))
+                if result == "applied" and item.command is not None:
+                    oldest_applied = min(item.command.id, oldest_applied or item.command.id)
+            reply_to = item.answer_to(result)
+            if reply_to is not None:
+                sends.append(self._reply(item, reply_to, result))
+                owners.append(index)
         for outcome, count in outcomes.items():
             self.metrics.count_write(outcome, count)
         if oldest_applied is not None:
             # Once per batch, for its oldest write: the lag that matters, at a fraction of
             # the cost of observing every write.
             self.metrics.lag_seconds.observe(self.clock() - uuid7_millis(oldest_applied) / 1000)
-        try:
-            await asyncio.gather(*sends)
-        except BROKER_FAILURES as exc:
-            # Not acking is safe: redelivered writes are superseded duplicates, and a
+        failed: set[int] = set()
+        sent_all = await asyncio.gather(*sends, return_exceptions=True)
+        for index, sent in zip(owners, sent_all, strict=True):
+            if isinstance(sent, Exception):
+                if not isinstance(sent, BROKER_FAILURES):
+                    log.error("settle_send_failed", error=repr(sent))
+                failed.add(index)
+            elif isinstance(sent, BaseException):
+                raise sent
+        batch = [item.message for item in received]
+        if failed:
+            # Given back, not acked: a redelivered write is a harmless duplicate, and a
             # redelivered reject is rejected (and dead-lettered) again.
-            log.warning("settle_failed_not_acking", error=repr(exc), size=len(batch))
-            return
-        await ack_all(batch)
-        self.acked += len(batch)
+            log.warning("settle_failed_requeueing", failed=len(failed), size=len(batch))
+            await nack_all(batch[i] for i in sorted(failed))
+        await ack_all(m for i, m in enumerate(batch) if i not in failed)
+        self.subscription.settled(batch)
+        self.acked += len(batch) - len(failed)
 
-    async def _reply(self, message: Delivery, result: Result, write_id: uuid.UUID | None) -> None:
-        codec = codec_for_reply(message.content_type)
+    async def _reply(self, item: ReceivedWrite, reply_to: str, result: Result) -> None:
         reply: Reply
-        if isinstance(result, StateError) or write_id is None:
+        if isinstance(result, StateError) or item.command is None:
             error = result if isinstance(result, StateError) else Internal("no write id")
             reply = ErrorReply(code=error.code, message=error.message)
         else:
-            reply = AppliedReply(id=write_id, outcome=result)
-        assert message.reply_to is not None
-        await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
-
-
-def codec_for_reply(content_type: str | None) -> Codec:
-    """Replies use the request's encoding; an unusable content type gets a JSON reply."""
-    try:
-        return codec_for(content_type)
-    except StateError:
-        return codec_for(JSON)
+            reply = AppliedReply(id=item.command.id, outcome=result)
+        await self.publisher.reply(reply_to, item.message.correlation_id, reply, item.codec)

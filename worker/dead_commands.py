@@ -120,9 +120,15 @@ class _ProgressBar:
 
 
 def _summary(verb: str, tally: Tally, selection: Selection, queue: str) -> str:
+    withheld = (
+        f"; left {tally.withheld} forbidden one(s) in place (replay those only with "
+        "--code forbidden, as a user who may act for their plugins)"
+        if tally.withheld
+        else ""
+    )
     return (
         f"{verb} {tally.taken} of {tally.total} dead letter(s) in {queue} "
-        f"(selected: {selection}); looked at {tally.scanned}"
+        f"(selected: {selection}); looked at {tally.scanned}{withheld}"
     )
 
 

@@ -71,7 +71,7 @@ from aio_pika.abc import (
 from schemas.codec import MSGPACK
 from worker.broker import BROKER_FAILURES
 from worker.config import Settings, redact_url
-from worker.publish import PUBLISH_TIMEOUT, copy_message
+from worker.publish import PUBLISH_TIMEOUT, without_bookkeeping
 from worker.topology import Names
 
 PREVIEW_CHARS: Final = 80
@@ -80,10 +80,10 @@ REPLAY_WINDOW: Final = 64
 """Republished messages awaiting their publisher confirm at once."""
 GET_TIMEOUT: Final = 10.0
 
-# Headers that record how a message was dead-lettered. A replay removes them, so the
-# command goes back as its publisher sent it (and a second reject records itself afresh).
-_BOOKKEEPING_PREFIXES: Final = ("x-reject-", "x-original-", "x-first-death-", "x-last-death-")
-_BOOKKEEPING_HEADERS: Final = frozenset({"x-death", "x-delivery-count"})
+FORBIDDEN: Final = "forbidden"
+"""Dead letters of this code are replayed only when asked for by code (``--code
+forbidden``): a replay goes out as the operator's user, who may act for plugins the
+original publisher could not."""
 
 DeadLetteredBy = Literal["worker", "rabbitmq", "unknown"]
 
@@ -137,7 +137,28 @@ class DeadLetter:
 def describe(index: int, message: AbstractIncomingMessage, default_exchange: str) -> DeadLetter:
     """Read a dead letter's headers: the worker's ``x-reject-*`` / ``x-original-*`` ones, or
     RabbitMQ's ``x-death``. ``default_exchange`` is where a letter that names no original
-    exchange came from (the prefix's exchange)."""
+    exchange came from (the prefix's exchange). Never raises: a letter whose headers make no
+    sense is still shown (code ``unknown``), so it can be listed and purged."""
+    try:
+        return _describe(index, message, default_exchange)
+    except Exception as exc:  # noqa: BLE001 - any letter, however odd, must be shown
+        return DeadLetter(
+            index=index,
+            code="unknown",
+            reason=f"its headers cannot be read ({type(exc).__name__})",
+            dead_lettered_by="unknown",
+            exchange=default_exchange,
+            routing_key=_text(message.routing_key) or "",
+            user_id=None,
+            message_id=None,
+            correlation_id=None,
+            content_type=None,
+            body_size=len(message.body),
+            preview=preview(message.body, None),
+        )
+
+
+def _describe(index: int, message: AbstractIncomingMessage, default_exchange: str) -> DeadLetter:
     headers: Mapping[str, Any] = message.headers or {}
     by: DeadLetteredBy
     code = _text(headers.get("x-reject-code"))
@@ -187,8 +208,11 @@ def preview(body: bytes, content_type: str | None, width: int = PREVIEW_CHARS) -
     MessagePack is shown as the JSON it decodes to; anything undecodable as escaped text."""
     source = body
     if content_type == MSGPACK:
-        # Not valid MessagePack: its bytes are shown, escaped, like any other body.
-        with contextlib.suppress(msgspec.MsgspecError, TypeError, ValueError):
+        # Not valid MessagePack (or nothing JSON can show): its bytes are shown, escaped,
+        # like any other body.
+        with contextlib.suppress(
+            msgspec.MsgspecError, TypeError, ValueError, OverflowError, RecursionError
+        ):
             source = msgspec.json.encode(msgspec.msgpack.decode(body))
     # A character is at most 4 bytes of UTF-8: this is enough for `width` of them.
     head = source[: width * 4]
@@ -272,6 +296,8 @@ class Tally:
     total: int
     scanned: int = 0
     taken: int = 0
+    withheld: int = 0
+    """Selected ``forbidden`` letters a replay left in place (not asked for by code)."""
 
 
 def _reached(tally: Tally, limit: int | None) -> bool:
@@ -424,7 +450,8 @@ class DeadLetters:
     ) -> Tally:
         """Republish the selected dead letters (at most ``limit``) to their original
         exchange and routing key, body and properties as published, persistent; each is
-        acked only once the broker confirmed its republish."""
+        acked only once the broker confirmed its republish. ``forbidden`` letters stay unless
+        the selection names that code."""
         window = asyncio.Semaphore(REPLAY_WINDOW)
         async with self._walking(progress) as walk:
             # The task group ends (every replay confirmed and acked) before `_walking`
@@ -433,10 +460,14 @@ class DeadLetters:
                 async with asyncio.TaskGroup() as replays:
                     while (item := await walk.next()) is not None:
                         letter, message = item
-                        if selection.matches(letter) and not _reached(walk.tally, limit):
-                            walk.take()
-                            await window.acquire()
-                            replays.create_task(self._replay_one(letter, message, window))
+                        if not selection.matches(letter) or _reached(walk.tally, limit):
+                            continue
+                        if letter.code == FORBIDDEN and FORBIDDEN not in selection.codes:
+                            walk.tally.withheld += 1
+                            continue
+                        walk.take()
+                        await window.acquire()
+                        replays.create_task(self._replay_one(letter, message, window))
             except* (DeadLetterError, *BROKER_FAILURES) as failures:
                 # The first failure stopped the others: it is the one to tell.
                 raise failures.exceptions[0] from None
@@ -493,10 +524,20 @@ def replayable(message: AbstractIncomingMessage, user: str) -> aio_pika.Message:
     carried one is replayed with ``user`` (the operator's, who now vouches for it: replay as
     a trusted user or as the plugin's); one that carried none is replayed without. The
     ``expiration`` is not replayed: it was measured from the original publish."""
-    headers = {
-        name: value
-        for name, value in (message.headers or {}).items()
-        if name not in _BOOKKEEPING_HEADERS and not name.startswith(_BOOKKEEPING_PREFIXES)
-    }
+    headers = without_bookkeeping(dict(message.headers or {}))
     had_user = bool((message.headers or {}).get("x-original-user-id") or message.user_id)
-    return copy_message(message, headers, user if had_user else None)
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        priority=message.priority,
+        user_id=user if had_user else None,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

@@ -1,20 +1,23 @@
-"""Per-plugin quotas on entries and stored bytes (off unless configured).
+"""Per-plugin quotas on entries, stored bytes and tombstones (off unless configured).
 
-Pure: given each plugin's usage, the current size of the entries a batch touches and the
-batch's writes in order, decide which writes would take their plugin over a quota. Deletes
-and writes that shrink usage are always allowed, so a plugin over its quota can clean up.
-Under concurrent workers the check is approximate by at most one batch per worker: usage is
-read before the batch is applied, not under a lock, so quotas never serialize writers.
+Usage is kept exact in ``plugin_counters``, in the same transaction as the writes, under the
+plugin's row lock (see ``worker.decisions``): a quota is never overshot, whatever the number
+of workers. A write that only shrinks what a limit counts is always allowed, so a plugin over
+its quota can still clean up: deleting an entry lowers its entries and bytes (it raises its
+tombstones, so a plugin at its tombstone quota deletes after the retention frees some).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from schemas.errors import QuotaExceeded
-from worker.model import EntryKey, Write
+from worker.model import Usage
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,47 +26,27 @@ class Quota:
     """Most entries per plugin; 0 means no limit."""
     max_bytes: int = 0
     """Most bytes of values' JSON text per plugin; 0 means no limit."""
+    max_tombstones: int = 0
+    """Most tombstones per plugin; 0 means no limit."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Quota:
+        return cls(settings.quota_entries, settings.quota_bytes, settings.quota_tombstones)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.max_entries or self.max_bytes)
+        return bool(self.max_entries or self.max_bytes or self.max_tombstones)
 
-
-def check_quota(
-    quota: Quota,
-    writes: Sequence[Write],
-    usage: Mapping[uuid.UUID, tuple[int, int]],
-    sizes: Mapping[EntryKey, int | None],
-) -> list[QuotaExceeded | None]:
-    """One result per write: None if it fits, else the error. ``sizes`` holds the stored
-    size of every entry the writes touch (None when the entry has no value)."""
-    used = {plugin: list(u) for plugin, u in usage.items()}
-    current = dict(sizes)
-    results: list[QuotaExceeded | None] = []
-    for write in writes:
-        entries_delta = bytes_delta = 0
-        after: dict[EntryKey, int | None] = {}
-        for entry_write in write.entries:
-            before = after.get(entry_write.entry, current.get(entry_write.entry))
-            new = None if entry_write.value_json is None else len(entry_write.value_json.encode())
-            entries_delta += (new is not None) - (before is not None)
-            bytes_delta += (new or 0) - (before or 0)
-            after[entry_write.entry] = new
-        plugin_usage = used.setdefault(write.plugin_id, [0, 0])
-        entries_after = plugin_usage[0] + entries_delta
-        bytes_after = plugin_usage[1] + bytes_delta
+    def check(self, plugin_id: uuid.UUID, before: Usage, after: Usage) -> QuotaExceeded | None:
+        """None when going from ``before`` to ``after`` keeps every limit it raises."""
         over = []
-        if quota.max_entries and entries_delta > 0 and entries_after > quota.max_entries:
-            over.append(f"{entries_after} entries (limit {quota.max_entries})")
-        if quota.max_bytes and bytes_delta > 0 and bytes_after > quota.max_bytes:
-            over.append(f"{bytes_after} bytes (limit {quota.max_bytes})")
-        if over:
-            results.append(
-                QuotaExceeded(f"plugin {write.plugin_id} would hold " + " and ".join(over))
-            )
-            continue
-        plugin_usage[0] += entries_delta
-        plugin_usage[1] += bytes_delta
-        current.update(after)
-        results.append(None)
-    return results
+        for name, limit, was, now in (
+            ("entries", self.max_entries, before.entries, after.entries),
+            ("bytes", self.max_bytes, before.bytes, after.bytes),
+            ("tombstones", self.max_tombstones, before.tombstones, after.tombstones),
+        ):
+            if limit and now > was and now > limit:
+                over.append(f"{now} {name} (limit {limit})")
+        if not over:
+            return None
+        return QuotaExceeded(f"plugin {plugin_id} would hold " + " and ".join(over))

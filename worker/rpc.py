@@ -1,137 +1,70 @@
 """The read path: ``get``, ``get_many`` and ``list`` over AMQP RPC, with read-your-writes.
 
-Requests are served in bursts: whatever has arrived is decoded together and every ``get``
-and ``get_many`` entry of the burst is looked up in one query (on the unique index).
-Replies go to the request's ``reply_to`` with its ``correlation_id``, in its encoding.
+Requests are served in bursts: whatever has arrived goes through ``worker.intake`` (an
+outcome per request, never an exception) and every ``get`` and ``get_many`` entry of the
+burst is looked up in one query (each entry once, values loaded within a byte budget; see
+``worker.reads``). Replies go to the request's ``reply_to`` with its ``correlation_id``, in
+its encoding; a request that cannot be answered (no usable ``reply_to``, or ``forbidden``
+towards a named reply queue) is dead-lettered.
 
 A request naming a write (``after``) that has not reached its entry yet waits, without
-polling Postgres hard: waiters are re-checked together, in one query, when a commit is
-signalled (this worker's consumer, or ``LISTEN`` for other workers) or every
-``_POLL_SECONDS``, until the request's expiration or 5 s, then get ``write_pending``.
+polling Postgres hard: waiters are re-checked together, in one query, when their plugin's
+state changes (``worker.wakeups``) or on a slow poll, until their deadline (5 s, the
+request's expiration, or the caller's own), then get ``write_pending``. At most
+``max_waiting_reads`` reads of one plugin wait at once; more are answered at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Final
 
 import msgspec
 import structlog
 from aio_pika.abc import AbstractRobustChannel
 
-from schemas.codec import JSON, Codec, codec_for
+from schemas.codec import Codec
 from schemas.errors import (
     Internal,
-    InvalidMessage,
-    InvalidRequest,
+    ReplyTooLarge,
     StateError,
+    UnsupportedValue,
     WritePending,
 )
 from schemas.messages import (
     ErrorReply,
-    GetManyRequest,
     GetRequest,
     ListRequest,
-    PageItem,
     PageReply,
-    ReadRequest,
     Reply,
-    ValueReply,
     ValuesReply,
 )
-from worker.auth import Caller
-from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all
-from worker.commits import CommitSignal
+from worker import reads
+from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
 from worker.config import Settings
+from worker.cursor import decode_cursor, encode_cursor
+from worker.intake import ReadCall, ReadIntake
 from worker.metrics import Metrics
 from worker.model import EntryKey
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
-from worker.store import DATABASE_FAILURES, ListPosition, Lookup, Store, StoredValue
+from worker.store import DATABASE_FAILURES, Found, Store
 from worker.topology import Names
-from worker.validate import check_scope
+from worker.wakeups import Wakeups
 
 log = structlog.get_logger(__name__)
 
-MAX_WAIT_SECONDS: Final = 5.0
-_POLL_SECONDS: Final = 0.25
+_POLL_SECONDS: Final = 0.5
 _BURST: Final = 256
+_SLICE: Final = 64
 _STOP: Final = object()
-
-
-@dataclass(eq=False)
-class _Call:
-    """One request being served: where to answer, what it asked, until when it may wait."""
-
-    message: Delivery
-    codec: Codec
-    request: ReadRequest
-    caller: Caller
-    received: float
-    deadline: float
-    wanted: list[tuple[EntryKey, uuid.UUID | None]] = field(default_factory=list)
-
-    @property
-    def op(self) -> str:
-        return str(self.request.__struct_config__.tag)
-
-
-def encode_cursor(position: ListPosition) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(position)).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> ListPosition:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        kind, scope_id, namespace, key = msgspec.json.decode(raw, type=tuple[str, str, str, str])
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        raise InvalidRequest("cursor is not one this server issued") from None
-    return kind, scope_id, namespace, key
-
-
-def _value_reply(value: StoredValue | None, codec: Codec) -> ValueReply:
-    if value is None:
-        return ValueReply(found=False)
-    return ValueReply(
-        found=True,
-        value=_embed(value.value_json, codec),
-        version=value.version,
-        updated_at=value.updated_at.isoformat(),
-    )
-
-
-def _embed(value_json: str, codec: Codec) -> Any:
-    # JSON replies carry the stored JSON text as is; MessagePack needs the value itself.
-    if codec.content_type == JSON:
-        return msgspec.Raw(value_json.encode())
-    return msgspec.json.decode(value_json)
-
-
-def _wanted(request: GetRequest | GetManyRequest) -> list[tuple[EntryKey, uuid.UUID | None]]:
-    if isinstance(request, GetRequest):
-        check_scope(request.scope_kind, request.scope_id)
-        key = EntryKey(
-            request.plugin_id,
-            request.scope_kind,
-            request.scope_id,
-            request.namespace,
-            request.key,
-        )
-        return [(key, request.after)]
-    wanted = []
-    for index, ref in enumerate(request.entries):
-        try:
-            check_scope(ref.scope_kind, ref.scope_id)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"entries[{index}]: {exc.message}") from None
-        key = EntryKey(request.plugin_id, ref.scope_kind, ref.scope_id, ref.namespace, ref.key)
-        wanted.append((key, ref.after))
-    return wanted
+# What encoding a stored value may fail with: jsonb holds numbers MessagePack cannot
+# (integers past 64 bits), and values written before the nesting limit may nest deeper
+# than an encoder recurses.
+_UNENCODABLE: Final = (msgspec.EncodeError, OverflowError, RecursionError, ValueError)
 
 
 class RpcServer:
@@ -141,28 +74,38 @@ class RpcServer:
         self,
         settings: Settings,
         channel: AbstractRobustChannel,
+        intake: ReadIntake,
         store: Store,
+        plugins: PluginDirectory,
         publisher: Publisher,
         metrics: Metrics,
-        commits: CommitSignal,
-        plugins: PluginDirectory,
+        wakeups: Wakeups,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.authorizer = settings.authorizer
+        self.intake = intake
         self.subscription = Subscription(
-            channel, Names(settings.prefix).rpc_queue, self._on_delivery
+            channel,
+            Names(settings.prefix).rpc_queue,
+            self._on_delivery,
+            max_held_bytes=settings.held_max_bytes,
+            retry_initial=settings.retry_initial_seconds,
+            retry_max=settings.retry_max_seconds,
         )
         self.store = store
         self.plugins = plugins
         self.publisher = publisher
         self.metrics = metrics
-        self.commits = commits
+        self.wakeups = wakeups
+        self.clock = clock
+        self.max_reply = settings.max_reply_bytes
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
-        self._waiting: list[_Call] = []
+        self._waiting: dict[uuid.UUID, list[ReadCall]] = {}
         # Calls sent to wait (or being re-checked) and not answered yet: while there are
         # any, acks go one by one, since a `multiple` ack would cover them too.
-        self._held: set[_Call] = set()
+        self._held: set[ReadCall] = set()
         self._to_ack: list[Delivery] = []
+        self._to_nack: list[Delivery] = []
         self._draining = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -179,11 +122,7 @@ class RpcServer:
             await self._serve_loop()
             waiting.cancel()
             keeping.cancel()
-        for call in self._waiting:
-            try:
-                await call.message.channel.basic_nack(call.message.delivery_tag, requeue=True)
-            except BROKER_FAILURES as exc:
-                log.info("rpc_requeue_lost_with_channel", error=repr(exc))
+        await nack_all(call.message for calls in self._waiting.values() for call in calls)
         self._waiting.clear()
         self._held.clear()
         self.metrics.rpc_waiting.set(0)
@@ -222,225 +161,249 @@ class RpcServer:
                 return
 
     async def _serve_burst(self, burst: list[Delivery]) -> None:
-        calls: list[_Call] = []
-        for message in burst:
-            call = await self._admit(message)
-            if call is not None:
-                calls.append(call)
+        now_ms = int(self.clock() * 1000)
+        calls: list[ReadCall] = []
+        for position, message in enumerate(burst):
+            expiration = message.expiration
+            if expiration is not None and time.monotonic() > message.received + expiration:
+                self.metrics.rpc_expired.inc()
+                self._to_ack.append(message)
+            else:
+                calls.append(self.intake.receive(message, now_ms))
+            if position % _SLICE == _SLICE - 1:
+                await asyncio.sleep(0)
         if calls:
             await self._serve_calls(calls)
         await self._flush_acks()
 
-    async def _serve_calls(self, calls: list[_Call]) -> None:
+    async def _serve_calls(self, calls: list[ReadCall]) -> None:
+        wanted = {p for c in calls for p in (c.routed, c.plugin_id) if p is not None}
         try:
-            owners = await self.plugins.owners(c.request.plugin_id for c in calls)
+            owners = await self.plugins.owners(wanted) if wanted else {}
         except DATABASE_FAILURES as exc:
-            await self._fail_all(calls, exc)
+            log.warning("rpc_database_failed", error=repr(exc), requests=len(calls))
+            for call in calls:
+                await self._refuse(call, Internal("the database is unavailable; retry"))
             return
-        lookups: list[_Call] = []
-        lists: list[_Call] = []
+        lookups: list[ReadCall] = []
+        lists: list[ReadCall] = []
         for call in calls:
-            refused = self.authorizer.check(call.caller, call.request.plugin_id, owners, "rpc")
+            refused = self.intake.authorize(call, call.plugin_id, owners)
             if refused is not None:
-                await self._answer_error(call, refused)
+                await self._refuse(call, refused)
             elif isinstance(call.request, ListRequest):
                 lists.append(call)
             else:
                 lookups.append(call)
         await asyncio.gather(self._serve_lookups(lookups), *(self._serve_list(c) for c in lists))
 
-    async def _admit(self, message: Delivery) -> _Call | None:
-        """Decode and validate; answer (or drop) what cannot be served. None if handled."""
-        received = message.received
-        expiration = message.expiration
-        if expiration is not None and time.monotonic() > received + expiration:
-            self.metrics.rpc_expired.inc()
-            self._to_ack.append(message)
-            return None
-        if not message.reply_to:
-            error = InvalidRequest("a read request needs reply_to (and correlation_id)")
-            self.metrics.count_reject(error.code)
+    async def _serve_lookups(self, calls: list[ReadCall]) -> None:
+        while calls:
             try:
-                await self.publisher.dead_letter(message.as_incoming(), error)
-            except BROKER_FAILURES as exc:
-                log.warning("rpc_dead_letter_failed", error=repr(exc))
-                return None
-            self._to_ack.append(message)
-            return None
-        try:
-            codec = codec_for(message.content_type)
-        except InvalidMessage as exc:
-            await self._reply(
-                message, codec_for(JSON), ErrorReply(code=exc.code, message=exc.message)
-            )
-            return None
-        wait = MAX_WAIT_SECONDS if expiration is None else min(expiration, MAX_WAIT_SECONDS)
-        try:
-            request = codec.decode_read(message.body)
-            caller = Caller(message.user_id, message.routing_key)
-            call = _Call(message, codec, request, caller, received, received + wait)
-            if isinstance(request, ListRequest):
-                if request.scope_kind == "instance" and request.scope_id is not None:
-                    raise InvalidRequest("scope_id must be null for scope_kind 'instance'")
-                if request.cursor is not None:
-                    decode_cursor(request.cursor)
-            else:
-                call.wanted = _wanted(request)
-        except StateError as exc:
-            await self._reply(message, codec, ErrorReply(code=exc.code, message=exc.message))
-            return None
-        return call
+                calls = await self._resolve(calls)
+            except DATABASE_FAILURES as exc:
+                log.warning("rpc_database_failed", error=repr(exc), requests=len(calls))
+                for call in calls:
+                    await self._refuse(call, Internal("the database is unavailable; retry"))
+                return
 
-    async def _serve_lookups(self, calls: list[_Call]) -> None:
-        if not calls:
-            return
-        try:
-            await self._resolve(calls)
-        except DATABASE_FAILURES as exc:
-            await self._fail_all(calls, exc)
-
-    async def _resolve(self, calls: list[_Call]) -> None:
+    async def _resolve(self, calls: list[ReadCall]) -> list[ReadCall]:
         """Look every entry of ``calls`` up in one query; answer the calls whose ``after``
-        writes have arrived, give up on those past their deadline, keep the rest waiting."""
-        lookups = await self.store.lookup_entries([w for c in calls for w in c.wanted])
-        now = time.monotonic()
-        offset = 0
+        writes have arrived, give up on those past their deadline, keep the rest waiting.
+        Returns the calls whose values the burst's budget held back, to look up again."""
+        distinct: dict[EntryKey, int] = {}
+        wants: list[bool] = []
         for call in calls:
-            mine = lookups[offset : offset + len(call.wanted)]
-            offset += len(call.wanted)
-            if all(lookup.ready for lookup in mine):
-                await self._answer_lookup(call, mine)
-            elif call.deadline <= now:
-                await self._answer_pending(call)
-            else:
-                self._waiting.append(call)
-                self._held.add(call)
-        self.metrics.rpc_waiting.set(len(self._waiting))
+            for key, after in call.wanted:
+                index = distinct.setdefault(key, len(distinct))
+                if index == len(wants):
+                    wants.append(False)
+                wants[index] = wants[index] or after is not None
+        found = await self.store.lookup_entries(list(distinct), wants, self.max_reply)
+        now = time.monotonic()
+        again: list[ReadCall] = []
+        for call in calls:
+            mine = [found[distinct[key]] for key, _ in call.wanted]
+            if not all(
+                reads.ready(f, after) for f, (_, after) in zip(mine, call.wanted, strict=True)
+            ):
+                await self._wait_or_give_up(call, now)
+                continue
+            try:
+                reads.check_lookup_size([key for key, _ in call.wanted], mine, self.max_reply)
+            except ReplyTooLarge as exc:
+                await self._answer_error(call, exc)
+                continue
+            if reads.withheld(mine):
+                again.append(call)
+                continue
+            await self._answer(call, _lookup_reply(call, mine))
+        self.metrics.rpc_waiting.set(sum(len(w) for w in self._waiting.values()))
+        return again
 
-    async def _answer_lookup(self, call: _Call, lookups: list[Lookup]) -> None:
-        reply: Reply
-        if isinstance(call.request, GetRequest):
-            reply = _value_reply(lookups[0].value, call.codec)
+    async def _wait_or_give_up(self, call: ReadCall, now: float) -> None:
+        plugin = call.plugin_id
+        assert plugin is not None
+        waiting = self._waiting.setdefault(plugin, [])
+        if call.deadline <= now:
+            await self._give_up(call)
+        elif len(waiting) >= self.settings.max_waiting_reads:
+            await self._give_up(
+                call,
+                f"{len(waiting)} reads of this plugin already wait for their writes "
+                f"(at most {self.settings.max_waiting_reads})",
+            )
         else:
-            reply = ValuesReply(items=[_value_reply(lk.value, call.codec) for lk in lookups])
-        await self._answer(call, reply)
+            waiting.append(call)
+            self._held.add(call)
 
-    async def _serve_list(self, call: _Call) -> None:
+    async def _give_up(self, call: ReadCall, why: str | None = None) -> None:
+        reason = why or (
+            f"the write named by `after` was not applied within "
+            f"{max(call.deadline - call.received_at, 0):.1f} s"
+        )
+        await self._answer_error(call, WritePending(reason))
+
+    async def _serve_list(self, call: ReadCall) -> None:
         request = call.request
         assert isinstance(request, ListRequest)
         after = None if request.cursor is None else decode_cursor(request.cursor)
+        budget = self.max_reply - reads.FRAMING
         try:
-            rows = await self.store.list_entries(
+            rows, more = await self.store.list_entries(
                 request.plugin_id,
-                scope_kind=request.scope_kind,
-                scope_id=request.scope_id,
-                namespace=request.namespace,
-                prefix=request.prefix,
-                limit=request.limit + 1,
+                reads.list_bounds(request),
+                limit=request.limit,
                 after=after,
+                budget=budget,
+                framing=reads.FRAMING,
             )
         except DATABASE_FAILURES as exc:
-            await self._fail_all([call], exc)
+            log.warning("rpc_database_failed", error=repr(exc), requests=1)
+            await self._refuse(call, Internal("the database is unavailable; retry"))
             return
-        page = rows[: request.limit]
-        next_cursor = None
-        if len(rows) > request.limit:
-            last = page[-1].entry
-            next_cursor = encode_cursor(
-                (last.scope_kind, last.scope_id or "", last.namespace, last.key)
-            )
-        items = [
-            PageItem(
-                scope_kind=row.entry.scope_kind,  # type: ignore[arg-type]
-                scope_id=row.entry.scope_id,
-                namespace=row.entry.namespace,
-                key=row.entry.key,
-                value=_embed(row.value.value_json, call.codec),
-                version=row.value.version,
-                updated_at=row.value.updated_at.isoformat(),
-            )
-            for row in page
-        ]
-        await self._answer(call, PageReply(items=items, next_cursor=next_cursor))
+        await self._answer(call, lambda: reads.page_reply(rows, more, call.codec))
 
     # ------------------------------------------------------------------ waiting
 
     async def _wait_loop(self) -> None:
         while True:
             timeout = _POLL_SECONDS
-            if self._waiting:
-                nearest = min(c.deadline for c in self._waiting) - time.monotonic()
+            waiters = [c for calls in self._waiting.values() for c in calls]
+            if waiters:
+                nearest = min(c.deadline for c in waiters) - time.monotonic()
                 timeout = max(0.0, min(timeout, nearest))
-            await self.commits.wait(timeout)
+            changed = await self.wakeups.wait(timeout)
             if self._waiting:
-                await self._recheck()
+                await self._recheck(changed)
 
-    async def _recheck(self) -> None:
-        calls, self._waiting = self._waiting, []
-        try:
-            await self._resolve(calls)
-        except DATABASE_FAILURES as exc:
-            # Not the request's fault: keep waiting (the deadline still holds).
-            log.warning("rpc_recheck_failed", error=repr(exc))
-            now = time.monotonic()
-            for call in calls:
-                if call.deadline <= now:
-                    await self._answer_pending(call)
-                else:
-                    self._waiting.append(call)
+    async def _recheck(self, changed: set[uuid.UUID] | None) -> None:
+        """Re-check the waiters of the plugins that changed (all of them on a poll, or when
+        notices may have been missed); answer those past their deadline."""
+        now = time.monotonic()
+        calls: list[ReadCall] = []
+        for plugin in list(self._waiting):
+            waiting = self._waiting[plugin]
+            if changed is None or not changed or plugin in changed:
+                calls += waiting
+                del self._waiting[plugin]
+                continue
+            expired = [c for c in waiting if c.deadline <= now]
+            if expired:
+                self._waiting[plugin] = [c for c in waiting if c.deadline > now]
+                for call in expired:
+                    await self._give_up(call)
+        if calls:
+            try:
+                await self._serve_lookups(calls)
+            except DATABASE_FAILURES as exc:
+                log.warning("rpc_recheck_failed", error=repr(exc))
         await self._flush_acks()
-
-    async def _answer_pending(self, call: _Call) -> None:
-        await self._answer_error(
-            call,
-            WritePending(
-                f"the write named by `after` was not applied within "
-                f"{call.deadline - call.received:.1f} s"
-            ),
-        )
 
     # ------------------------------------------------------------------ replying
 
-    async def _fail_all(self, calls: list[_Call], exc: BaseException) -> None:
-        log.warning("rpc_database_failed", error=repr(exc), requests=len(calls))
-        for call in calls:
-            await self._answer_error(call, Internal("the database is unavailable; retry"))
-
-    async def _answer_error(self, call: _Call, error: StateError) -> None:
-        await self._answer(call, ErrorReply(code=error.code, message=error.message))
-
-    async def _answer(self, call: _Call, reply: Reply) -> None:
-        self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received)
-        await self._reply(call.message, call.codec, reply)
-        self._held.discard(call)
-
-    async def _reply(self, message: Delivery, codec: Codec, reply: Reply) -> None:
-        assert message.reply_to is not None
-        try:
-            try:
-                await self.publisher.reply(message.reply_to, message.correlation_id, reply, codec)
-            except (msgspec.EncodeError, OverflowError) as exc:
-                # jsonb holds numbers MessagePack cannot (integers past 64 bits).
-                refused = ErrorReply(
-                    code="unsupported_value",
-                    message=f"the value cannot be sent as {codec.name} ({exc}); read it as JSON",
-                )
-                await self.publisher.reply(message.reply_to, message.correlation_id, refused, codec)
-        except BROKER_FAILURES as exc:
-            # The request stays unacked and comes back to some worker with the connection.
-            log.info("rpc_reply_failed", error=repr(exc))
+    async def _refuse(self, call: ReadCall, error: StateError) -> None:
+        """Answer ``error``, or dead-letter the request when no answer may be sent."""
+        if call.answer_to(error) is not None:
+            await self._answer_error(call, error)
             return
-        self._to_ack.append(message)
+        self.metrics.count_reject(error.code)
+        log.info("read_rejected", code=error.code, routing_key=call.message.routing_key)
+        try:
+            await self.publisher.dead_letter(call.message, error)
+        except BROKER_FAILURES as exc:
+            log.warning("rpc_dead_letter_failed", error=repr(exc))
+            self._to_nack.append(call.message)
+            return
+        self._to_ack.append(call.message)
+
+    async def _answer_error(self, call: ReadCall, error: StateError) -> None:
+        await self._answer(call, lambda: ErrorReply(code=error.code, message=error.message))
+
+    async def _answer(self, call: ReadCall, build: Callable[[], Reply]) -> None:
+        """Encode and send a reply; what cannot be encoded or is too large is answered with
+        its error instead."""
+        self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received_at)
+        self._held.discard(call)
+        body = self._encode(call, build)
+        reply_to = call.answer_to(None)
+        if reply_to is None:  # pragma: no cover - refused calls never get here
+            self._to_ack.append(call.message)
+            return
+        try:
+            await self.publisher.reply_body(reply_to, call.message.correlation_id, body, call.codec)
+        except BROKER_FAILURES as exc:
+            # Given back: some worker answers it with the connection back.
+            log.info("rpc_reply_failed", error=repr(exc))
+            self._to_nack.append(call.message)
+            return
+        self._to_ack.append(call.message)
+
+    def _encode(self, call: ReadCall, build: Callable[[], Reply]) -> bytes:
+        codec = call.codec
+        try:
+            reply = build()
+            body = codec.encode(reply)
+        except _UNENCODABLE as exc:
+            refused = f"the value cannot be sent as {codec.name} ({exc}); read it as JSON"
+            return _error_body(codec, UnsupportedValue(refused))
+        if len(body) <= self.max_reply:
+            return body
+        if isinstance(reply, PageReply) and len(reply.items) > 1:
+            # Estimates are bounds, not exact: end the page earlier still.
+            keep = max(1, len(reply.items) // 2)
+            last = reply.items[keep - 1]
+            cursor = encode_cursor((last.scope_kind, last.scope_id or "", last.namespace, last.key))
+            shorter = PageReply(items=reply.items[:keep], next_cursor=cursor)
+            return self._encode(call, lambda: shorter)
+        return _error_body(
+            codec,
+            ReplyTooLarge(f"the reply would be {len(body)} bytes; the limit is {self.max_reply}"),
+        )
 
     async def _flush_acks(self) -> None:
-        """Ack what was answered: with one `multiple` ack per channel when no request is
-        held waiting (the usual case), else one by one so as not to cover those."""
+        """Give back what could not be answered, then ack what was: with one `multiple` ack
+        per channel when no request is held waiting (the usual case), else one by one so as
+        not to cover those."""
+        failed, self._to_nack = self._to_nack, []
         settled, self._to_ack = self._to_ack, []
+        await nack_all(failed)
         if not self._held:
             await ack_all(settled)
-            return
-        for message in settled:
-            try:
-                await message.channel.basic_ack(message.delivery_tag)
-            except BROKER_FAILURES as exc:
-                log.info("rpc_ack_lost_with_channel", error=repr(exc))
+        else:
+            for message in settled:
+                try:
+                    await message.channel.basic_ack(message.delivery_tag)
+                except BROKER_FAILURES as exc:
+                    log.info("rpc_ack_lost_with_channel", error=repr(exc))
+        self.subscription.settled([*failed, *settled])
+
+
+def _error_body(codec: Codec, error: StateError) -> bytes:
+    return codec.encode(ErrorReply(code=error.code, message=error.message))
+
+
+def _lookup_reply(call: ReadCall, found: list[Found]) -> Callable[[], Reply]:
+    if isinstance(call.request, GetRequest):
+        return lambda: reads.value_reply(found[0].value, call.codec)
+    return lambda: ValuesReply(items=[reads.value_reply(f.value, call.codec) for f in found])

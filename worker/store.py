@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -16,7 +17,8 @@ from typing import Any, Final
 
 import asyncpg
 
-from worker.model import EntryKey, EntryWrite
+from worker.cursor import ListPosition
+from worker.model import EntryKey, EntryState, EntryWrite, Usage
 
 APPLICATION_NAME: Final = "plugin-state-worker"
 
@@ -63,20 +65,24 @@ class PluginRow:
 
 @dataclass(frozen=True, slots=True)
 class StoredValue:
-    """An entry's value as stored: JSON text (jsonb's own rendering), version, time."""
+    """An entry's value as stored: JSON text (jsonb's own rendering), version, time.
 
-    value_json: str
+    ``value_json`` is None when the value was held back to keep a burst within its byte
+    budget (``value_bytes`` tells its size)."""
+
+    value_json: str | None
     version: uuid.UUID
     updated_at: datetime
+    value_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
-class Lookup:
-    """One looked-up entry: its value (None when missing) and whether the write the reader
-    asked to see (``after``) has reached it."""
+class Found:
+    """One looked-up entry: its value (None when missing) and, when asked for, the version
+    its register holds (which tells whether a write named by ``after`` has reached it)."""
 
     value: StoredValue | None
-    ready: bool
+    register_version: uuid.UUID | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +93,17 @@ class Listed:
     value: StoredValue
 
 
-ListPosition = tuple[str, str, str, str]
-"""Where a list page ended: (scope_kind, scope_id or '', namespace, key)."""
+@dataclass(frozen=True, slots=True)
+class ListBounds:
+    """A range of the list order ((scope_kind, scope_id or '', namespace, key) in byte
+    order) and the filters the range cannot express."""
+
+    lower: ListPosition
+    upper: ListPosition
+    scope_kind: str | None
+    scope_id: str | None
+    namespace: str | None
+    prefix: str
 
 
 async def create_pool(database_url: str, size: int, command_timeout: float) -> asyncpg.Pool:
@@ -104,14 +119,72 @@ async def create_pool(database_url: str, size: int, command_timeout: float) -> a
     return pool
 
 
-def _key_columns(entries: Sequence[EntryWrite]) -> tuple[list[Any], ...]:
+class StoreInconsistent(RuntimeError):
+    """A write transaction changed other rows than it decided to: it is rolled back."""
+
+
+def _key_columns(entries: Sequence[EntryKey]) -> tuple[list[Any], ...]:
     return (
-        [e.entry.plugin_id for e in entries],
-        [e.entry.scope_kind for e in entries],
-        [e.entry.scope_id for e in entries],
-        [e.entry.namespace for e in entries],
-        [e.entry.key for e in entries],
+        [e.plugin_id for e in entries],
+        [e.scope_kind for e in entries],
+        [e.scope_id for e in entries],
+        [e.namespace for e in entries],
+        [e.key for e in entries],
     )
+
+
+class WriteTransaction:
+    """The statements of one write transaction, in the order they must run (see
+    ``worker.decisions`` for why this order makes the outcome exact)."""
+
+    def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+        self.conn = conn
+
+    async def lock_plugins(
+        self, plugin_ids: Iterable[uuid.UUID]
+    ) -> tuple[dict[uuid.UUID, Usage], int | None]:
+        """Lock the plugins' counters; their usage, and the database's clock in Unix ms
+        (None when no plugin is registered)."""
+        rows = await self.conn.fetch(QUERIES["lock_plugins"], sorted(set(plugin_ids)))
+        usage = {r["plugin_id"]: Usage(r["entries"], r["bytes"], r["tombstones"]) for r in rows}
+        return usage, (rows[0]["now_ms"] if rows else None)
+
+    async def read_entries(self, entries: Sequence[EntryKey]) -> dict[EntryKey, EntryState]:
+        """The register's state of each entry that has a register row."""
+        if not entries:
+            return {}
+        rows = await self.conn.fetch(QUERIES["read_entries"], *_key_columns(entries))
+        return {
+            entries[row["n"] - 1]: EntryState(row["version"], row["deleted"], row["value_bytes"])
+            for row in rows
+        }
+
+    async def write_entries(
+        self, stores: Sequence[EntryWrite], usage: Mapping[uuid.UUID, Usage]
+    ) -> None:
+        """Store the winning entry writes and the plugins' changes of usage."""
+        if not stores:
+            return
+        plugins = sorted(usage)
+        row = await self.conn.fetchrow(
+            QUERIES["write_entries"],
+            *_key_columns([e.entry for e in stores]),
+            [e.version for e in stores],
+            [e.is_delete for e in stores],
+            [e.value_json for e in stores],
+            [e.value_bytes for e in stores],
+            plugins,
+            [usage[p].entries for p in plugins],
+            [usage[p].bytes for p in plugins],
+            [usage[p].tombstones for p in plugins],
+        )
+        assert row is not None
+        deletes = sum(e.is_delete for e in stores)
+        if row["versions"] != len(stores) or row["upserted"] != len(stores) - deletes:
+            raise StoreInconsistent(
+                f"wrote {row['versions']} register rows and {row['upserted']} values for "
+                f"{len(stores)} entry writes ({deletes} deletes)"
+            )
 
 
 class Store:
@@ -132,58 +205,29 @@ class Store:
         rows = await self.pool.fetch(QUERIES["plugin_owners"], list(ids))
         return {row["id"]: row["amqp_user"] for row in rows}
 
-    async def plugin_usage(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[int, int]]:
-        """(entries, bytes) stored per plugin; plugins without state are left out."""
-        rows = await self.pool.fetch(QUERIES["plugin_usage"], list(ids))
-        return {row["plugin_id"]: (row["entries"], row["bytes"]) for row in rows}
-
-    async def apply_entries(self, entries: Sequence[EntryWrite]) -> set[EntryKey]:
-        """Apply entry writes (each entry at most once) in one transaction.
-
-        Returns the entries whose write won; the others were superseded by a newer
-        version already stored (or by an equal one: a duplicate).
-        """
-        if not entries:
-            return set()
+    @asynccontextmanager
+    async def write_transaction(self) -> AsyncIterator[WriteTransaction]:
+        """One write transaction on a connection of its own; committed when the block
+        ends, rolled back when it raises."""
         async with self.pool.acquire() as conn, conn.transaction():
-            won_rows = await conn.fetch(
-                QUERIES["claim_versions"],
-                *_key_columns(entries),
-                [e.version for e in entries],
-                [e.is_delete for e in entries],
-            )
-            won = {EntryKey(*row) for row in won_rows}
-            sets = [e for e in entries if e.entry in won and not e.is_delete]
-            deletes = [e for e in entries if e.entry in won and e.is_delete]
-            if sets or deletes:
-                await conn.execute(
-                    QUERIES["apply_values"],
-                    *_key_columns(sets),
-                    [e.value_json for e in sets],
-                    [e.version for e in sets],
-                    *_key_columns(deletes),
-                )
-        return won
+            yield WriteTransaction(conn)
 
     async def lookup_entries(
-        self, wanted: Sequence[tuple[EntryKey, uuid.UUID | None]]
-    ) -> list[Lookup]:
-        """Look many entries up in one round trip, in order; each with its ``after``."""
+        self, entries: Sequence[EntryKey], wants_version: Sequence[bool], budget: int
+    ) -> list[Found]:
+        """Look many entries up in one round trip, in order. Values are loaded while their
+        running size stays within ``budget`` bytes (the first always)."""
         rows = await self.pool.fetch(
-            QUERIES["lookup_entries"],
-            [e.plugin_id for e, _ in wanted],
-            [e.scope_kind for e, _ in wanted],
-            [e.scope_id for e, _ in wanted],
-            [e.namespace for e, _ in wanted],
-            [e.key for e, _ in wanted],
-            [after for _, after in wanted],
+            QUERIES["lookup_entries"], *_key_columns(entries), list(wants_version), budget
         )
         return [
-            Lookup(
+            Found(
                 value=None
                 if row["version"] is None
-                else StoredValue(row["value_json"], row["version"], row["updated_at"]),
-                ready=row["ready"],
+                else StoredValue(
+                    row["value_json"], row["version"], row["updated_at"], row["value_bytes"]
+                ),
+                register_version=row["register_version"],
             )
             for row in rows
         ]
@@ -191,44 +235,57 @@ class Store:
     async def list_entries(
         self,
         plugin_id: uuid.UUID,
+        bounds: ListBounds,
         *,
-        scope_kind: str | None,
-        scope_id: str | None,
-        namespace: str | None,
-        prefix: str,
         limit: int,
         after: ListPosition | None,
-    ) -> list[Listed]:
-        """Up to ``limit`` entries in list order, after ``after`` when given."""
-        args: list[Any] = [plugin_id, scope_kind, scope_id, namespace, prefix, limit]
-        if after is None:
-            rows = await self.pool.fetch(QUERIES["list_first_page"], *args)
-        else:
-            rows = await self.pool.fetch(QUERIES["list_next_page"], *args, *after)
-        return [
-            Listed(
-                EntryKey(
-                    plugin_id,
-                    row["scope_kind"],
-                    row["scope_id"],
-                    row["namespace"],
-                    row["state_key"],
-                ),
-                StoredValue(row["value_json"], row["version"], row["updated_at"]),
-            )
-            for row in rows
+        budget: int,
+        framing: int,
+    ) -> tuple[list[Listed], bool]:
+        """Up to ``limit`` entries in list order within ``bounds`` (after ``after`` when
+        given), cut short to stay within ``budget`` bytes; and whether more follow."""
+        args: list[Any] = [
+            plugin_id,
+            *(after or bounds.lower),
+            *bounds.upper,
+            bounds.scope_kind,
+            bounds.scope_id,
+            bounds.namespace,
+            bounds.prefix,
+            limit + 1,
+            budget,
+            framing,
         ]
+        query = QUERIES["list_first_page" if after is None else "list_next_page"]
+        rows = await self.pool.fetch(query, *args)
+        page: list[Listed] = []
+        for row in rows[:limit]:
+            if not row["within"]:
+                return page, True
+            entry = EntryKey(
+                plugin_id, row["scope_kind"], row["scope_id"], row["namespace"], row["state_key"]
+            )
+            page.append(
+                Listed(entry, StoredValue(row["value_json"], row["version"], row["updated_at"]))
+            )
+        return page, len(rows) > limit
 
-    async def purge_tombstones(self, older_than: uuid.UUID, limit: int) -> int | None:
-        """Remove up to ``limit`` tombstones older than the version ``older_than``.
-
-        Returns how many went, or None when another worker holds the job's lock.
-        """
+    async def purge_tombstones(self, older_than_seconds: float, limit: int) -> int | None:
+        """Remove up to ``limit`` tombstones older than ``older_than_seconds`` by the
+        database's clock. Returns how many went, or None when another worker holds the job's
+        lock."""
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(QUERIES["try_lock"], LOCK_CLASS, RETENTION_LOCK):
                 return None
-            status = await conn.execute(QUERIES["purge_tombstones"], older_than, limit)
-        return int(status.split()[-1])
+            rows = await conn.fetch(QUERIES["old_tombstone_plugins"], older_than_seconds, limit)
+            plugins = [row["plugin_id"] for row in rows]
+            if not plugins:
+                return 0
+            await WriteTransaction(conn).lock_plugins(plugins)
+            removed = await conn.fetchval(
+                QUERIES["purge_tombstones"], older_than_seconds, limit, plugins
+            )
+        return int(removed)
 
     async def add_plugin(
         self, plugin_key: str, plugin_id: uuid.UUID | None, amqp_user: str | None
@@ -255,6 +312,7 @@ class Store:
         removed with it, or None when it was kept; LookupError when it is gone already.
         """
         async with self.pool.acquire() as conn, conn.transaction():
+            await WriteTransaction(conn).lock_plugins([plugin_id])
             if await conn.fetchval(QUERIES["lock_plugin"], plugin_id) is None:
                 raise LookupError(f"plugin {plugin_id} no longer exists")
             entries = int(await conn.fetchval(QUERIES["count_plugin_entries"], plugin_id))

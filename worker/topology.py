@@ -7,61 +7,26 @@ with other arguments, which then surfaces as a clear start-up error.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
+from typing import cast
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
+from schemas import topology
+from schemas.topology import Names
 from worker.config import Settings
 
-
-@dataclass(frozen=True, slots=True)
-class Names:
-    """The names of the topology for one prefix."""
-
-    prefix: str
-
-    @property
-    def exchange(self) -> str:
-        return self.prefix
-
-    @property
-    def commands_queue(self) -> str:
-        return f"{self.prefix}.commands"
-
-    @property
-    def rpc_queue(self) -> str:
-        return f"{self.prefix}.rpc"
-
-    @property
-    def dead(self) -> str:
-        """The dead-letter exchange and its queue share this name."""
-        return f"{self.prefix}.dead"
-
-    @staticmethod
-    def command_key(plugin_id: uuid.UUID | str) -> str:
-        return f"cmd.{plugin_id}"
-
-    @staticmethod
-    def rpc_key(plugin_id: uuid.UUID | str) -> str:
-        return f"rpc.{plugin_id}"
+__all__ = ["Names", "Topology", "commands_queue_arguments", "declare"]
 
 
 def commands_queue_arguments(settings: Settings) -> FieldTable:
-    names = Names(settings.prefix)
-    return {
-        "x-queue-type": "quorum",
-        "x-dead-letter-exchange": names.dead,
-        # A command that keeps crashing its consumer is dead-lettered by RabbitMQ itself
-        # after this many deliveries, instead of looping forever.
-        "x-delivery-limit": settings.delivery_limit,
-        # A flood pushes back on publishers (their confirms are nacked) instead of
-        # exhausting the broker.
-        "x-max-length": settings.commands_max_length,
-        "x-overflow": "reject-publish",
-    }
+    """The commands queue's arguments for these settings (``schemas.topology``)."""
+    arguments = topology.commands_queue_arguments(
+        Names(settings.prefix), settings.delivery_limit, settings.commands_max_length
+    )
+    return cast(FieldTable, arguments)
 
 
 @dataclass(frozen=True, slots=True)

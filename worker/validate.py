@@ -1,25 +1,40 @@
 """The rules of the data model that a type cannot express, with their error codes.
 
-Pure functions: a decoded command and the clock in, a ``Write`` or a typed error out.
+Pure functions: a decoded command and the clock in, a ``Write`` or a typed error out. The
+worker, the Python client and the CLI all check writes with these, so a write the client
+lets through is refused by the worker only for what the client cannot know (authorization,
+quotas, the database's clock).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from schemas.errors import InvalidMessage, InvalidRequest, Stale, UnsupportedValue, ValueTooLarge
 from schemas.messages import BatchCommand, BatchDelete, SetCommand, WriteCommand
 from worker.auth import Caller
-from worker.config import Settings
 from worker.model import EntryKey, EntryWrite, Write
 
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+MAX_NAMES_BYTES: Final = 2400
+"""Most bytes of UTF-8 in an entry's scope_id, namespace and key together. Postgres keeps a
+btree entry within a third of a page (2704 bytes); the unique index over the five key
+columns could not hold more, and a write past it would fail inside the database."""
+
 _json_encoder = msgspec.json.Encoder()
+_json_values = msgspec.json.Decoder()
+# A digit followed by an exponent marker: the only way a JSON number's stored form (jsonb
+# keeps numbers as `numeric` and writes them out in full) can be longer than its text.
+_EXPONENT: Final = re.compile(rb"[0-9][eE]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +44,7 @@ class Rules:
     value_max_bytes: int
     retention_ms: int
     future_skew_ms: int
+    value_max_depth: int = 256
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
@@ -36,6 +52,7 @@ class Rules:
             value_max_bytes=settings.value_max_bytes,
             retention_ms=settings.retention_seconds * 1000,
             future_skew_ms=settings.future_skew_seconds * 1000,
+            value_max_depth=settings.value_max_depth,
         )
 
 
@@ -49,13 +66,17 @@ def uuid7_floor(millis: int) -> uuid.UUID:
     return uuid.UUID(bytes=max(millis, 0).to_bytes(6, "big") + b"\x70\x00\x80" + bytes(7))
 
 
+def is_uuid7(value: uuid.UUID) -> bool:
+    # Bit arithmetic rather than UUID's version and variant properties: this runs per write.
+    bits = value.int
+    return (bits >> 76) & 0xF == 7 and (bits >> 62) & 0x3 == 0b10
+
+
 def check_write_id(write_id: uuid.UUID, now_ms: int, rules: Rules) -> None:
     """A write's id must be a UUIDv7 whose time is neither too far ahead nor too old."""
-    # Bit arithmetic rather than UUID's version and variant properties: this runs per write.
-    bits = write_id.int
-    if (bits >> 76) & 0xF != 7 or (bits >> 62) & 0x3 != 0b10:
+    if not is_uuid7(write_id):
         raise InvalidRequest(f"id {write_id} is not a UUIDv7")
-    at = bits >> 80
+    at = write_id.int >> 80
     if at > now_ms + rules.future_skew_ms:
         raise InvalidRequest(
             f"id {write_id} lies {(at - now_ms) / 1000:.0f} s in the future "
@@ -68,6 +89,21 @@ def check_write_id(write_id: uuid.UUID, now_ms: int, rules: Rules) -> None:
         )
 
 
+def check_after(after: uuid.UUID, now_ms: int, rules: Rules, what: str = "after") -> bool:
+    """A read's ``after`` must name a write that could still arrive: a UUIDv7 not further
+    ahead than writes may be. Returns False when it is older than the retention: such a
+    write was applied long ago or refused as stale, so there is nothing to wait for."""
+    if not is_uuid7(after):
+        raise InvalidRequest(f"{what} {after} is not a UUIDv7 (it names a write's id)")
+    at = after.int >> 80
+    if at > now_ms + rules.future_skew_ms:
+        raise InvalidRequest(
+            f"{what} {after} lies {(at - now_ms) / 1000:.0f} s in the future: no write "
+            f"can have that id (at most {rules.future_skew_ms // 1000} s ahead)"
+        )
+    return at >= now_ms - rules.retention_ms
+
+
 def check_scope(scope_kind: str, scope_id: str | None) -> None:
     """``instance`` has no scope id; every other scope kind needs one."""
     if scope_kind == "instance":
@@ -77,65 +113,160 @@ def check_scope(scope_kind: str, scope_id: str | None) -> None:
         raise InvalidRequest(f"scope_id is required for scope_kind {scope_kind!r}")
 
 
-def encode_value(value: msgspec.Raw, rules: Rules, *, msgpack: bool = False) -> str:
-    """The written value as JSON text for ``jsonb``, or the error that keeps it out.
+def check_entry(scope_kind: str, scope_id: str | None, namespace: str, key: str) -> None:
+    """The rules an entry's name follows beyond each field's own (``schemas.messages``)."""
+    check_scope(scope_kind, scope_id)
+    # Characters are at most 4 bytes: short names need no counting.
+    if len(key) + len(namespace) + len(scope_id or "") > MAX_NAMES_BYTES // 4:
+        size = len(key.encode()) + len(namespace.encode()) + len((scope_id or "").encode())
+        if size > MAX_NAMES_BYTES:
+            raise InvalidRequest(
+                f"scope_id, namespace and key are {size} bytes of UTF-8 together; "
+                f"at most {MAX_NAMES_BYTES}"
+            )
 
-    A JSON value is kept exactly as sent, only checked: it is walked (decoded) only when it
-    holds a ``\\u0000`` escape, the one thing in well-formed JSON that jsonb cannot store.
-    A MessagePack value is decoded, checked for what JSON cannot hold, and re-encoded.
+
+# ------------------------------------------------------------------------------ values
+
+
+def encode_value(value: msgspec.Raw, rules: Rules, *, msgpack: bool = False) -> tuple[str, int]:
+    """The written value as JSON text for ``jsonb`` and its size, or the error that keeps it
+    out.
+
+    The size is of the JSON text with every number written out as jsonb stores it: a
+    ``numeric`` has no exponent, so ``1e999`` is stored (and read back) as 1000 digits. That
+    size is what the value limit holds, so a small write cannot turn into a huge read.
+
+    A JSON value is kept exactly as sent, only checked: it is walked (decoded) only when
+    something in it needs a closer look: a ``\\u0000`` escape (jsonb cannot store U+0000),
+    more brackets than the nesting limit, or a number with an exponent. A MessagePack value
+    is decoded, checked for what JSON cannot hold, and re-encoded.
     """
     raw = bytes(value)
     if msgpack:
-        decoded = _decode_or_refuse(msgspec.msgpack.decode, raw)
-        _check_storable(decoded)
+        decoded = _decode_or_refuse(msgspec.msgpack.decode, raw, "MessagePack")
+        expansion = _check_storable(decoded, rules.value_max_depth)
         encoded = _json_encoder.encode(decoded)
     else:
-        if b"\\u0000" in raw:
-            _check_storable(_decode_or_refuse(msgspec.json.decode, raw))
+        expansion = 0
+        if (
+            b"\\u0000" in raw
+            or raw.count(b"[") + raw.count(b"{") > rules.value_max_depth
+            or _EXPONENT.search(raw) is not None
+        ):
+            expansion = _check_json(raw, rules.value_max_depth)
         encoded = raw
-    if len(encoded) > rules.value_max_bytes:
+    size = len(encoded) + expansion
+    if size > rules.value_max_bytes:
+        written_out = " with its numbers written out in full" if expansion else ""
         raise ValueTooLarge(
-            f"value is {len(encoded)} bytes of JSON; the limit is {rules.value_max_bytes}"
+            f"value is {size} bytes of JSON{written_out}; the limit is {rules.value_max_bytes}"
         )
     try:
-        return encoded.decode()
+        return encoded.decode(), size
     except UnicodeDecodeError:
         raise InvalidMessage("value holds a string that is not valid UTF-8") from None
 
 
-def _decode_or_refuse(decode: Callable[[bytes], Any], raw: bytes) -> Any:
+class _Number:
+    """A JSON number with a fraction or an exponent, as the decoder met it."""
+
+    __slots__ = ("expansion",)
+
+    def __init__(self, token: str) -> None:
+        self.expansion = _written_out_growth(token)
+
+
+def _written_out_growth(token: str) -> int:
+    mantissa, marker, exponent = token.lower().partition("e")
+    if not marker:
+        return 0
+    power = int(exponent)
+    # Postgres' numeric holds up to 131072 digits before the point and 16383 after.
+    if power > 131_071 or power < -16_383:
+        raise UnsupportedValue(f"value holds the number {token}, which jsonb cannot store")
+    # At most the exponent's zeros, the mantissa's digits and "0." more than the token.
+    return max(0, abs(power) + len(mantissa) + 2 - len(token))
+
+
+_json_numbers = msgspec.json.Decoder(float_hook=_Number)
+
+
+def _check_json(raw: bytes, max_depth: int) -> int:
+    """Walk a JSON value: no U+0000, not too deep; returns how much longer its numbers get
+    when written out in full."""
+    decoded = _decode_or_refuse(_json_numbers.decode, raw, "JSON")
+    return _check_storable(decoded, max_depth)
+
+
+def _decode_or_refuse(decode: Any, raw: bytes, encoding: str) -> Any:
     try:
         return decode(raw)
     except RecursionError:
-        raise UnsupportedValue("value nests too deeply (the limit is about 1000 levels)") from None
+        raise InvalidRequest("value nests too deeply") from None
     except UnicodeDecodeError:
         raise InvalidMessage("value holds a string that is not valid UTF-8") from None
+    except msgspec.ValidationError as exc:
+        # MessagePack extensions the decoder knows (timestamps) but that are malformed.
+        raise UnsupportedValue(f"value holds {encoding} that JSON cannot hold: {exc}") from None
+    except (msgspec.DecodeError, TypeError, ValueError) as exc:
+        text = str(exc)
+        if "hashable" in text:
+            raise UnsupportedValue("value has an object key that is not a string") from None
+        raise InvalidMessage(f"value is not well-formed {encoding}: {text}") from None
 
 
-def _check_storable(value: Any) -> None:
+def _walk(value: Any) -> Iterator[tuple[Any, int]]:
     # Iterative, so a deeply nested value cannot exhaust the interpreter's stack.
-    stack = [value]
+    stack = [(value, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        yield item, depth
+        if isinstance(item, list):
+            stack.extend((inner, depth + 1) for inner in item)
+        elif isinstance(item, dict):
+            stack.extend((inner, depth + 1) for inner in item.values())
+
+
+def _check_storable(value: Any, max_depth: int) -> int:
+    """Refuse what jsonb cannot hold or the rules forbid; return the growth of numbers
+    written out in full."""
+    growth = 0
+    for item, depth in _walk(value):
         if isinstance(item, str):
             if "\x00" in item:
                 raise UnsupportedValue("value contains U+0000, which jsonb cannot store")
         elif isinstance(item, bool | int) or item is None:
             continue
+        elif isinstance(item, _Number):
+            growth += item.expansion
         elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise UnsupportedValue(f"value contains {item}, which jsonb cannot store")
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            for key, inner in item.items():
-                if not isinstance(key, str):
-                    raise UnsupportedValue("value has an object key that is not a string")
-                if "\x00" in key:
-                    raise UnsupportedValue("value has an object key containing U+0000")
-                stack.append(inner)
+            growth += _float_growth(item)
+        elif isinstance(item, list | dict):
+            if depth >= max_depth:
+                raise InvalidRequest(f"value nests arrays and objects more than {max_depth} deep")
+            if isinstance(item, dict):
+                for key in item:
+                    if not isinstance(key, str):
+                        raise UnsupportedValue("value has an object key that is not a string")
+                    if "\x00" in key:
+                        raise UnsupportedValue("value has an object key containing U+0000")
         else:
             raise UnsupportedValue(f"value contains {type(item).__name__} data, which is not JSON")
+    return growth
+
+
+def _float_growth(number: float) -> int:
+    if not math.isfinite(number):
+        raise UnsupportedValue(f"value contains {number}, which jsonb cannot store")
+    magnitude = abs(number)
+    # The JSON encoder writes these with an exponent (shortest round-trip form).
+    if magnitude >= 1e16 or 0 < magnitude < 1e-4:
+        return abs(math.floor(math.log10(magnitude))) + 2
+    return 0
+
+
+# ------------------------------------------------------------------------------ writes
 
 
 def validate_write(
@@ -154,25 +285,25 @@ def validate_write(
     if isinstance(command, BatchCommand):
         for index, op in enumerate(command.ops):
             try:
-                check_scope(op.scope_kind, op.scope_id)
-                value_json = (
-                    None
+                check_entry(op.scope_kind, op.scope_id, op.namespace, op.key)
+                value_json, size = (
+                    (None, 0)
                     if isinstance(op, BatchDelete)
                     else encode_value(op.value, rules, msgpack=msgpack)
                 )
-            except (InvalidRequest, UnsupportedValue, ValueTooLarge) as exc:
+            except (InvalidMessage, InvalidRequest, UnsupportedValue, ValueTooLarge) as exc:
                 raise type(exc)(f"ops[{index}]: {exc.message}") from None
             key = EntryKey(plugin_id, op.scope_kind, op.scope_id, op.namespace, op.key)
-            entries.append(EntryWrite(key, version, value_json))
+            entries.append(EntryWrite(key, version, value_json, size))
     else:
-        check_scope(command.scope_kind, command.scope_id)
+        check_entry(command.scope_kind, command.scope_id, command.namespace, command.key)
         key = EntryKey(
             plugin_id, command.scope_kind, command.scope_id, command.namespace, command.key
         )
-        value_json = (
+        value_json, size = (
             encode_value(command.value, rules, msgpack=msgpack)
             if isinstance(command, SetCommand)
-            else None
+            else (None, 0)
         )
-        entries.append(EntryWrite(key, version, value_json))
+        entries.append(EntryWrite(key, version, value_json, size))
     return Write(id=version, plugin_id=plugin_id, entries=tuple(entries), caller=caller)

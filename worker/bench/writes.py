@@ -9,9 +9,9 @@ has no ready message left. Both are polled, at 5 ms and 20 ms.
 **Latency.** Writes, each to an entry of its own, are published at a paced rate. A write's
 latency is its commit time minus the time the bench published it. Postgres records when
 the batch's transaction started (``updated_at`` is ``now()``), not when it committed, so
-the commit is taken from the worker's own commit signal: every write transaction sends
-``NOTIFY plugin_state_commits``, delivered at commit, and with one worker (transactions one
-after another) the first notification at or after a batch's start is that batch's commit.
+the commit is taken from the worker's own commit signal: after every write transaction the
+worker publishes a commit notice (``worker.wakeups``), and the first notice at or after a
+batch's start is that batch's commit (a bound: the notice leaves just after the commit).
 This is more exact than ``updated_at`` minus the UUIDv7 time, which misses the apply and
 commit and has only millisecond resolution.
 """
@@ -27,13 +27,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-import asyncpg
+import aio_pika
 
-from worker.bench.harness import APPLICATION_NAME, BenchEnv, BenchError, Process, wait_for
+from worker.bench.harness import BenchEnv, BenchError, Process, wait_for
 from worker.bench.report import Latency, Rate, WriteLatency
 from worker.bench.workload import WriteStream, entry_names, json_value, set_body
 from worker.client import MonotonicUuid7
-from worker.commits import CHANNEL
+from worker.wakeups import commits_exchange
 
 # How many of a stream's final versions the register holds.
 APPLIED_COUNT: Final = """
@@ -145,11 +145,18 @@ async def measure_latency(
     new_id = MonotonicUuid7()
     published: dict[str, float] = {}
     commits: list[float] = []
-    listener = await asyncpg.connect(
-        env.settings.database_url, server_settings={"application_name": APPLICATION_NAME}
-    )
+    listener = await env.connection.channel()
     try:
-        await listener.add_listener(CHANNEL, lambda *_: commits.append(time.time()))
+        notices = await listener.declare_exchange(
+            commits_exchange(env.settings.prefix), aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await listener.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(notices)
+
+        async def on_notice(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            commits.append(time.time())
+
+        await queue.consume(on_notice, no_ack=True)
 
         async def publish(n: int) -> None:
             entry = entries[n]

@@ -11,146 +11,292 @@ SELECT 1;
 -- Which of these plugin ids are registered, and the RabbitMQ user each belongs to.
 SELECT id, amqp_user FROM plugins WHERE id = ANY($1::uuid[]);
 
--- name: plugin_usage
--- Entries and stored bytes (of the values' JSON text) per plugin, for quotas.
-SELECT plugin_id, count(*) AS entries, coalesce(sum(octet_length(value_json::text)), 0) AS bytes
-FROM plugin_state
+-- name: lock_plugins
+-- The first statement of every write transaction: lock each plugin's counters row, in plugin
+-- order (so two transactions can never wait for each other in a cycle), and read its usage
+-- and the database's clock. Every writer of a plugin's entries takes this lock first, so
+-- until commit nobody else changes them: the next statement, with a snapshot of its own
+-- taken after the lock was granted, reads exactly the state the writes meet. (It must be a
+-- statement of its own: a snapshot taken before waiting for the lock would miss what the
+-- transaction we waited for committed.) A plugin without a row is not registered.
+SELECT plugin_id, entries, bytes, tombstones,
+       (extract(epoch FROM statement_timestamp()) * 1000)::bigint AS now_ms
+FROM plugin_counters
 WHERE plugin_id = ANY($1::uuid[])
-GROUP BY plugin_id;
+ORDER BY plugin_id
+FOR UPDATE;
 
--- name: claim_versions
--- Last-writer-wins, decided per entry in the version register. The upsert locks each
--- entry's register row, so concurrent writers of one entry queue behind each other and
--- then see the newest version. Rows are inserted in key order so that two batches lock
--- their common entries in the same order and cannot deadlock. Returns the entries whose
--- write won (the caller sends each entry at most once).
-INSERT INTO plugin_state_versions AS v
-    (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted)
-SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key, t.version, t.deleted
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::bool[])
-    AS t (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted)
-ORDER BY t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key
-ON CONFLICT ON CONSTRAINT plugin_state_versions_entry_idx DO UPDATE
-    SET version = EXCLUDED.version, deleted = EXCLUDED.deleted, changed_at = now()
-    WHERE v.version < EXCLUDED.version
-RETURNING v.plugin_id, v.scope_kind, v.scope_id, v.namespace, v.state_key;
+-- name: read_entries
+-- What the version register holds for each entry (n is its 1-based position), read after
+-- lock_plugins. Entries without a register row are left out. Rows written before
+-- value_bytes existed are measured from their value. Each lookup is split on whether scope_id
+-- is null so that both arms use the unique index (`=` never matches null).
+SELECT w.n, v.version, v.deleted,
+       CASE WHEN v.deleted THEN 0 ELSE coalesce(v.value_bytes, legacy.value_bytes, 0) END
+           AS value_bytes
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+    WITH ORDINALITY AS w (plugin_id, scope_kind, scope_id, namespace, state_key, n)
+JOIN LATERAL (
+    SELECT v.version, v.deleted, v.value_bytes FROM plugin_state_versions v
+    WHERE w.scope_id IS NOT NULL
+      AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
+      AND v.scope_id = w.scope_id AND v.namespace = w.namespace AND v.state_key = w.state_key
+    UNION ALL
+    SELECT v.version, v.deleted, v.value_bytes FROM plugin_state_versions v
+    WHERE w.scope_id IS NULL AND v.scope_id IS NULL
+      AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
+      AND v.namespace = w.namespace AND v.state_key = w.state_key
+) v ON true
+LEFT JOIN LATERAL (
+    SELECT octet_length(s.value_json::text) AS value_bytes FROM plugin_state s
+    WHERE v.value_bytes IS NULL AND NOT v.deleted AND w.scope_id IS NOT NULL
+      AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
+      AND s.scope_id = w.scope_id AND s.namespace = w.namespace AND s.state_key = w.state_key
+    UNION ALL
+    SELECT octet_length(s.value_json::text) FROM plugin_state s
+    WHERE v.value_bytes IS NULL AND NOT v.deleted AND w.scope_id IS NULL AND s.scope_id IS NULL
+      AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
+      AND s.namespace = w.namespace AND s.state_key = w.state_key
+) legacy ON true;
 
--- name: apply_values
--- Runs after claim_versions in the same transaction, as a statement of its own so that its
--- snapshot includes every write committed before our register locks were granted.
--- $1..$7 are the winning sets, $8..$12 the winning deletes. Deletes are split by whether
--- scope_id is null, because `=` never matches null and `IS NOT DISTINCT FROM` cannot use
--- the unique index.
-WITH upserted AS (
+-- name: write_entries
+-- The last statement of a write transaction: the entry writes that won (decided under the
+-- plugin locks, each entry once), in one round trip. $1..$9 are the entries: key, version,
+-- whether it is a delete, the value's JSON text (null for a delete) and its size; $10..$13
+-- each plugin's change of usage. Every part is a data-modifying CTE of this one statement,
+-- so all of it runs; the counts let the caller check that nothing was skipped.
+WITH versions AS (
+    INSERT INTO plugin_state_versions AS v
+        (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted,
+         value_bytes, deleted_at, changed_at)
+    SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key, t.version,
+           t.deleted, CASE WHEN t.deleted THEN NULL ELSE t.value_bytes END,
+           CASE WHEN t.deleted THEN now() END, now()
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[],
+                $7::bool[], $9::int[])
+        AS t (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted,
+              value_bytes)
+    ON CONFLICT ON CONSTRAINT plugin_state_versions_entry_idx DO UPDATE
+        SET version = EXCLUDED.version, deleted = EXCLUDED.deleted,
+            value_bytes = EXCLUDED.value_bytes, deleted_at = EXCLUDED.deleted_at,
+            changed_at = EXCLUDED.changed_at
+        WHERE v.version < EXCLUDED.version
+    RETURNING 1
+), upserted AS (
     INSERT INTO plugin_state AS s
-        (plugin_id, scope_kind, scope_id, namespace, state_key, value_json, version, updated_at)
+        (plugin_id, scope_kind, scope_id, namespace, state_key, value_json, version,
+         updated_at, value_bytes)
     SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key,
-           t.value_json::jsonb, t.version, now()
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::uuid[])
-        AS t (plugin_id, scope_kind, scope_id, namespace, state_key, value_json, version)
+           t.value_json::jsonb, t.version, now(), t.value_bytes
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[],
+                $7::bool[], $8::text[], $9::int[])
+        AS t (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted,
+              value_json, value_bytes)
+    WHERE NOT t.deleted
     ON CONFLICT ON CONSTRAINT plugin_state_unique_entry_idx DO UPDATE
         SET value_json = EXCLUDED.value_json,
             version = EXCLUDED.version,
-            updated_at = EXCLUDED.updated_at
+            updated_at = EXCLUDED.updated_at,
+            value_bytes = EXCLUDED.value_bytes
     RETURNING 1
 ), removed_scoped AS (
     DELETE FROM plugin_state AS s
-    USING unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[])
-        AS d (plugin_id, scope_kind, scope_id, namespace, state_key)
-    WHERE d.scope_id IS NOT NULL
+    USING unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $7::bool[])
+        AS d (plugin_id, scope_kind, scope_id, namespace, state_key, deleted)
+    WHERE d.deleted AND d.scope_id IS NOT NULL
       AND s.plugin_id = d.plugin_id AND s.scope_kind = d.scope_kind
       AND s.scope_id = d.scope_id AND s.namespace = d.namespace
       AND s.state_key = d.state_key
     RETURNING 1
 ), removed_instance AS (
     DELETE FROM plugin_state AS s
-    USING unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[])
-        AS d (plugin_id, scope_kind, scope_id, namespace, state_key)
-    WHERE d.scope_id IS NULL AND s.scope_id IS NULL
+    USING unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $7::bool[])
+        AS d (plugin_id, scope_kind, scope_id, namespace, state_key, deleted)
+    WHERE d.deleted AND d.scope_id IS NULL AND s.scope_id IS NULL
       AND s.plugin_id = d.plugin_id AND s.scope_kind = d.scope_kind
       AND s.namespace = d.namespace AND s.state_key = d.state_key
     RETURNING 1
+), counted AS (
+    UPDATE plugin_counters AS c
+    SET entries = c.entries + d.entries,
+        bytes = c.bytes + d.bytes,
+        tombstones = c.tombstones + d.tombstones
+    FROM unnest($10::uuid[], $11::bigint[], $12::bigint[], $13::bigint[])
+        AS d (plugin_id, entries, bytes, tombstones)
+    WHERE c.plugin_id = d.plugin_id
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM upserted) AS upserted,
+SELECT (SELECT count(*) FROM versions) AS versions,
+       (SELECT count(*) FROM upserted) AS upserted,
        (SELECT count(*) FROM removed_scoped) + (SELECT count(*) FROM removed_instance)
            AS removed,
-       -- Wakes read-your-writes waiters of every worker (delivered at commit).
-       pg_notify('plugin_state_commits', '') AS notified;
+       (SELECT count(*) FROM counted) AS counted;
 
 -- name: lookup_entries
--- The values of many entries in one round trip, one row per requested entry (n is its
--- 1-based position). `ready` is false while the write named by `after` (or a newer one)
--- has not reached the entry's version register yet. Each lookup is split on whether
--- scope_id is null so that both arms use the unique index.
-SELECT w.n, s.value_json, s.version, s.updated_at,
-       coalesce(w.after IS NULL OR v.version >= w.after, false) AS ready
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[])
-    WITH ORDINALITY AS w (plugin_id, scope_kind, scope_id, namespace, state_key, after, n)
-LEFT JOIN LATERAL (
-    SELECT s.value_json, s.version, s.updated_at FROM plugin_state s
-    WHERE w.scope_id IS NOT NULL
-      AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
-      AND s.scope_id = w.scope_id AND s.namespace = w.namespace AND s.state_key = w.state_key
-    UNION ALL
-    SELECT s.value_json, s.version, s.updated_at FROM plugin_state s
-    WHERE w.scope_id IS NULL AND s.scope_id IS NULL
-      AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
-      AND s.namespace = w.namespace AND s.state_key = w.state_key
-) s ON true
-LEFT JOIN LATERAL (
-    SELECT v.version FROM plugin_state_versions v
-    WHERE w.after IS NOT NULL AND w.scope_id IS NOT NULL
-      AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
-      AND v.scope_id = w.scope_id AND v.namespace = w.namespace AND v.state_key = w.state_key
-    UNION ALL
-    SELECT v.version FROM plugin_state_versions v
-    WHERE w.after IS NOT NULL AND w.scope_id IS NULL AND v.scope_id IS NULL
-      AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
-      AND v.namespace = w.namespace AND v.state_key = w.state_key
-) v ON true
-ORDER BY w.n;
+-- The values of many entries in one round trip, one row per entry (n is its 1-based
+-- position; the caller sends each entry once). `register_version` is the register's
+-- version of the entries flagged in $6 (those a reader waits on with `after`). Values are
+-- sent while their running size stays within $7 bytes (the first always): the others come
+-- with their size only, so a burst of reads of large entries never loads more than that at
+-- once. Each lookup is split on whether scope_id is null so that both arms use the unique
+-- index.
+WITH found AS (
+    SELECT w.n, s.value_json, s.version, s.updated_at, s.value_bytes,
+           v.version AS register_version
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+        WITH ORDINALITY AS w (plugin_id, scope_kind, scope_id, namespace, state_key,
+                              wants_version, n)
+    LEFT JOIN LATERAL (
+        SELECT s.value_json, s.version, s.updated_at,
+               coalesce(s.value_bytes, octet_length(s.value_json::text)) AS value_bytes
+        FROM plugin_state s
+        WHERE w.scope_id IS NOT NULL
+          AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
+          AND s.scope_id = w.scope_id AND s.namespace = w.namespace
+          AND s.state_key = w.state_key
+        UNION ALL
+        SELECT s.value_json, s.version, s.updated_at,
+               coalesce(s.value_bytes, octet_length(s.value_json::text))
+        FROM plugin_state s
+        WHERE w.scope_id IS NULL AND s.scope_id IS NULL
+          AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
+          AND s.namespace = w.namespace AND s.state_key = w.state_key
+    ) s ON true
+    LEFT JOIN LATERAL (
+        SELECT v.version FROM plugin_state_versions v
+        WHERE w.wants_version AND w.scope_id IS NOT NULL
+          AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
+          AND v.scope_id = w.scope_id AND v.namespace = w.namespace
+          AND v.state_key = w.state_key
+        UNION ALL
+        SELECT v.version FROM plugin_state_versions v
+        WHERE w.wants_version AND w.scope_id IS NULL AND v.scope_id IS NULL
+          AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
+          AND v.namespace = w.namespace AND v.state_key = w.state_key
+    ) v ON true
+)
+SELECT n, version, updated_at, value_bytes, register_version,
+       CASE WHEN n = 1 OR sum(coalesce(value_bytes, 0)) OVER (ORDER BY n) <= $7
+            THEN value_json END AS value_json
+FROM found
+ORDER BY n;
 
 -- name: list_first_page
--- A plugin's entries in (scope_kind, scope_id, namespace, key) order, optionally filtered;
--- $6 is the page size plus one (the extra row tells whether another page follows).
-SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at
-FROM plugin_state
-WHERE plugin_id = $1
-  AND ($2::text IS NULL OR scope_kind = $2)
-  AND ($3::text IS NULL OR scope_id = $3)
-  AND ($4::text IS NULL OR namespace = $4)
-  AND starts_with(state_key, $5)
-ORDER BY scope_kind, coalesce(scope_id, ''), namespace, state_key
-LIMIT $6;
+-- A plugin's entries in (scope_kind, scope_id, namespace, key) byte order, between the
+-- bounds $2..$5 (inclusive) and $6..$9 (exclusive) that the filters make, which the list
+-- index serves as one range; $10..$13 are the filters themselves (null: none), for filters
+-- the range cannot express. At most $14 rows (the page size plus one: the extra row tells
+-- whether another page follows). A row's value is sent only while the page's running size
+-- (each value at half again its stored size, jsonb's rendering being at most that much
+-- longer, plus its names and $16 bytes of framing) stays within $15 bytes; `within` says
+-- which rows fit, the first always does.
+SELECT scope_kind, scope_id, namespace, state_key, version, updated_at,
+       CASE WHEN within THEN value_json END AS value_json, within
+FROM (
+    SELECT page.*,
+           row_number() OVER w = 1 OR sum(
+               page.value_bytes * 3 / 2 + octet_length(page.state_key)
+               + octet_length(page.namespace) + octet_length(coalesce(page.scope_id, ''))
+               + $16::int
+           ) OVER w <= $15::bigint AS within
+    FROM (
+        SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at,
+               coalesce(value_bytes, octet_length(value_json::text)) AS value_bytes
+        FROM plugin_state
+        WHERE plugin_id = $1
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") >= ($2, $3, $4, $5)
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
+          AND ($10::text IS NULL OR scope_kind = $10)
+          AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
+          AND ($12::text IS NULL OR namespace = $12)
+          AND starts_with(state_key, $13)
+        ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+                 namespace COLLATE "C", state_key COLLATE "C"
+        LIMIT $14
+    ) page
+    WINDOW w AS (ORDER BY page.scope_kind COLLATE "C", coalesce(page.scope_id, '') COLLATE "C",
+                 page.namespace COLLATE "C", page.state_key COLLATE "C")
+) sized
+ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+         namespace COLLATE "C", state_key COLLATE "C";
 
 -- name: list_next_page
--- As list_first_page, after the cursor ($7..$10, the last entry of the previous page):
+-- As list_first_page, after the cursor $2..$5 (the last entry of the previous page):
 -- keyset paging, so entries added or removed between pages never shift the others.
-SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at
-FROM plugin_state
-WHERE plugin_id = $1
-  AND ($2::text IS NULL OR scope_kind = $2)
-  AND ($3::text IS NULL OR scope_id = $3)
-  AND ($4::text IS NULL OR namespace = $4)
-  AND starts_with(state_key, $5)
-  AND (scope_kind, coalesce(scope_id, ''), namespace, state_key) > ($7, $8, $9, $10)
-ORDER BY scope_kind, coalesce(scope_id, ''), namespace, state_key
-LIMIT $6;
+SELECT scope_kind, scope_id, namespace, state_key, version, updated_at,
+       CASE WHEN within THEN value_json END AS value_json, within
+FROM (
+    SELECT page.*,
+           row_number() OVER w = 1 OR sum(
+               page.value_bytes * 3 / 2 + octet_length(page.state_key)
+               + octet_length(page.namespace) + octet_length(coalesce(page.scope_id, ''))
+               + $16::int
+           ) OVER w <= $15::bigint AS within
+    FROM (
+        SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at,
+               coalesce(value_bytes, octet_length(value_json::text)) AS value_bytes
+        FROM plugin_state
+        WHERE plugin_id = $1
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") > ($2, $3, $4, $5)
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
+          AND ($10::text IS NULL OR scope_kind = $10)
+          AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
+          AND ($12::text IS NULL OR namespace = $12)
+          AND starts_with(state_key, $13)
+        ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+                 namespace COLLATE "C", state_key COLLATE "C"
+        LIMIT $14
+    ) page
+    WINDOW w AS (ORDER BY page.scope_kind COLLATE "C", coalesce(page.scope_id, '') COLLATE "C",
+                 page.namespace COLLATE "C", page.state_key COLLATE "C")
+) sized
+ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+         namespace COLLATE "C", state_key COLLATE "C";
+
+-- name: old_tombstone_plugins
+-- Plugins with tombstones older than the cut-off ($1: seconds of retention and skew), for
+-- the retention to lock before it removes any; the partial index on deleted_at finds them
+-- without touching the rest of the register.
+SELECT DISTINCT plugin_id FROM (
+    SELECT plugin_id FROM plugin_state_versions
+    WHERE deleted_at IS NOT NULL
+      AND deleted_at < statement_timestamp() - make_interval(secs => $1::double precision)
+    ORDER BY deleted_at
+    LIMIT $2
+) old;
 
 -- name: purge_tombstones
--- Removes up to $2 tombstones whose version is older than $1. SKIP LOCKED: a tombstone a
--- writer holds is left for the next round, so the purge never waits on (or deadlocks
--- with) the write path.
-DELETE FROM plugin_state_versions
-WHERE ctid IN (
-    SELECT ctid FROM plugin_state_versions
-    WHERE deleted AND version < $1::uuid
-    ORDER BY version
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
+-- Removes up to $2 tombstones of the plugins $3 (whose counters rows the transaction has
+-- locked) older than the cut-off ($1 seconds, by the database's clock), both by when they
+-- became tombstones and by version: a write older than the retention is refused as stale,
+-- so nothing can bring such an entry back. The counters follow in the same statement.
+WITH cut AS (
+    SELECT statement_timestamp() - make_interval(secs => $1::double precision) AS at
+), purged AS (
+    DELETE FROM plugin_state_versions AS v
+    USING cut
+    WHERE v.ctid IN (
+        SELECT o.ctid FROM plugin_state_versions o, cut
+        WHERE o.deleted_at IS NOT NULL AND o.deleted_at < cut.at
+          AND o.plugin_id = ANY($3::uuid[])
+        ORDER BY o.deleted_at
+        LIMIT $2
+    )
+      AND v.deleted
+      AND v.version < (lpad(to_hex((extract(epoch FROM cut.at) * 1000)::bigint), 12, '0')
+                       || '70008000000000000000')::uuid
+    RETURNING v.plugin_id
+), counted AS (
+    UPDATE plugin_counters AS c SET tombstones = c.tombstones - p.n
+    FROM (SELECT plugin_id, count(*) AS n FROM purged GROUP BY plugin_id) AS p
+    WHERE c.plugin_id = p.plugin_id
+    RETURNING 1
 )
-AND deleted AND version < $1::uuid;
+SELECT count(*) FROM purged;
 
 -- name: try_lock
 -- A transaction-scoped advisory lock: one worker at a time runs a housekeeping job.
@@ -163,8 +309,9 @@ RETURNING id, plugin_key, amqp_user, created_at, updated_at;
 
 -- name: list_plugins
 SELECT p.id, p.plugin_key, p.amqp_user, p.created_at, p.updated_at,
-       (SELECT count(*) FROM plugin_state s WHERE s.plugin_id = p.id) AS entries
+       coalesce(c.entries, 0) AS entries
 FROM plugins p
+LEFT JOIN plugin_counters c ON c.plugin_id = p.id
 ORDER BY p.plugin_key;
 
 -- name: find_plugin
@@ -177,9 +324,12 @@ LIMIT 1;
 
 -- name: lock_plugin
 -- Held until the removal commits, so no write can add state between count and delete.
+-- Taken after lock_plugins, as every writer takes that lock first (so removal and writes
+-- cannot deadlock).
 SELECT id FROM plugins WHERE id = $1 FOR UPDATE;
 
 -- name: count_plugin_entries
+-- The rows themselves, not the counters: removal must refuse for state written any way.
 SELECT count(*) FROM plugin_state WHERE plugin_id = $1;
 
 -- name: remove_plugin

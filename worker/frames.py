@@ -1,0 +1,82 @@
+"""Makes AMQP frame decoding total, so that no message property can close a connection.
+
+RabbitMQ passes on property values that pamqp (under aiormq and aio-pika) cannot turn into
+Python: a timestamp past the year 9999 (a millisecond epoch, or a Java client's negative
+time), a short string that is not UTF-8, a header table nested deeper than the interpreter's
+stack or with a key that is not UTF-8. pamqp raises inside the frame reader, aiormq closes the
+whole connection, and the unacked message comes back to the next consumer, which dies the same
+way: one published message takes down every worker, on both paths (aiormq issue #186 is the
+timestamp case).
+
+``make_total()`` changes pamqp's decoding, process-wide and idempotently, in three places:
+
+- a timestamp that no ``datetime`` can hold decodes as None (absent): the worker never
+  trusts a publisher's timestamp anyway;
+- a short string that is not UTF-8 decodes with U+FFFD for each bad byte, so it can still be
+  read, logged and re-encoded (a dead letter carries it that way);
+- anything else that fails while decoding a content header's properties leaves the message
+  with no properties but one header, ``UNREADABLE_HEADER``, giving the reason: the message
+  still arrives (its body intact) and is refused as ``invalid_message``.
+
+Every module that talks AMQP calls it before connecting (``worker.broker`` at import).
+"""
+
+from __future__ import annotations
+
+import datetime
+import struct
+from typing import Any, Final
+
+from pamqp import commands, decode, header
+
+UNREADABLE_HEADER: Final = "x-unreadable-properties"
+"""Set, with the reason, on a message whose properties could not be decoded."""
+
+_installed = False
+
+
+def _timestamp(value: bytes) -> tuple[int, datetime.datetime | None]:
+    try:
+        seconds = struct.unpack(">Q", value[0:8])[0]
+    except struct.error as err:
+        raise ValueError("Could not unpack timestamp value") from err
+    if seconds > 0xFFFFFFFF:
+        # pamqp reads values past the year 2106 as milliseconds; keep that reading.
+        seconds /= 1000.0
+    try:
+        return 8, datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return 8, None
+
+
+def _short_str(value: bytes) -> tuple[int, str]:
+    try:
+        length = struct.unpack("B", value[0:1])[0]
+    except struct.error as err:
+        raise ValueError("Could not unpack short string value") from err
+    return length + 1, value[1 : length + 1].decode("utf-8", errors="replace")
+
+
+def _content_header_unmarshal(self: header.ContentHeader, data: bytes) -> None:
+    self.class_id, self.weight, self.body_size = struct.unpack(">HHQ", data[0:12])
+    try:
+        offset, flags = self._get_flags(data[12:])
+        self.properties.unmarshal(flags, data[12 + offset :])
+    except Exception as exc:  # noqa: BLE001 - any property pamqp cannot read, e.g. a RecursionError
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        self.properties = commands.Basic.Properties(headers={UNREADABLE_HEADER: reason})
+
+
+def make_total() -> None:
+    """Install the tolerant decoders (once per process)."""
+    global _installed  # noqa: PLW0603 - one switch for the whole process
+    if _installed:
+        return
+    methods: dict[str, Any] = decode.METHODS
+    methods["timestamp"] = _timestamp
+    methods["shortstr"] = _short_str
+    table: dict[bytes, Any] = decode.TABLE_MAPPING
+    table[b"T"] = _timestamp
+    table[b"s"] = _short_str
+    header.ContentHeader.unmarshal = _content_header_unmarshal  # type: ignore[method-assign]
+    _installed = True

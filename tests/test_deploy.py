@@ -43,10 +43,11 @@ def yaml_files() -> list[Path]:
     return sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object of deploy/k8s by kind (each kind occurs once)."""
+def manifests(directory: Path = K8S) -> dict[str, dict[str, Any]]:
+    """Every Kubernetes object of deploy/k8s (or another directory) by kind (each kind
+    occurs once)."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for document in load_all(path):
@@ -128,10 +129,15 @@ def test_every_yaml_file_in_deploy_parses(path: Path) -> None:
     assert load_all(path), f"{path.name} holds no document"
 
 
+def kustomization_of(directory: Path) -> dict[str, Any]:
+    kustomization: dict[str, Any] = load_all(directory / "kustomization.yaml")[0]
+    on_disk = {path.name for path in directory.glob("*.y*ml")} - {"kustomization.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(on_disk), directory.name
+    return kustomization
+
+
 def test_kustomization_lists_every_manifest_in_deploy_k8s() -> None:
-    kustomization = load_all(K8S / "kustomization.yaml")[0]
-    on_disk = {path.name for path in K8S.glob("*.y*ml")} - {"kustomization.yaml"}
-    assert sorted(kustomization["resources"]) == sorted(on_disk)
+    kustomization = kustomization_of(K8S)
     (image,) = kustomization["images"]
     assert image["name"] == only_container("Deployment")["image"]
     assert image["name"] == only_container("Job")["image"]
@@ -268,6 +274,98 @@ def test_compose_points_the_worker_at_its_own_services() -> None:
             == services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"]
         )
         assert environment.get("PLUGIN_STATE_HTTP_PORT", str(HTTP_PORT)) == str(HTTP_PORT)
+
+
+def rabbitmq_conf(text: str) -> dict[str, str]:
+    """A rabbitmq.conf (``key = value`` lines, ``#`` comments) as a dict."""
+    pairs = (line.strip().partition("=") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, _, value in pairs if key and key[0] != "#"}
+
+
+def cluster_nodes() -> dict[str, Any]:
+    """The RabbitMQ nodes of the compose file's ``cluster`` profile."""
+    return {
+        name: service
+        for name, service in compose_services().items()
+        if "cluster" in service.get("profiles", [])
+    }
+
+
+def compose_config(name: str) -> Path:
+    path: Path = DEPLOY / load_all(DEPLOY / "compose.yaml")[0]["configs"][name]["file"]
+    return path
+
+
+def mounted_configs(service: dict[str, Any]) -> dict[str, Path]:
+    return {config["target"]: compose_config(config["source"]) for config in service["configs"]}
+
+
+def test_compose_runs_only_the_single_broker_setup_without_a_profile() -> None:
+    for name, service in compose_services().items():
+        assert ("profiles" in service) == (name in cluster_nodes()), name
+    assert set(cluster_nodes()) == {"rabbitmq-1", "rabbitmq-2", "rabbitmq-3"}
+
+
+def test_compose_cluster_nodes_find_each_other_by_name_and_pause_a_minority() -> None:
+    nodes = cluster_nodes()
+    rabbitmq = compose_services()["rabbitmq"]
+    for node in nodes.values():
+        conf = rabbitmq_conf(
+            mounted_configs(node)["/etc/rabbitmq/conf.d/20-cluster.conf"].read_text()
+        )
+        assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+        listed = {
+            value
+            for key, value in conf.items()
+            if key.startswith("cluster_formation.classic_config.nodes.")
+        }
+        # A node's name is rabbit@<its host name>, and each one has its own data.
+        assert listed == {f"rabbit@{other['hostname']}" for other in nodes.values()}
+        assert conf["cluster_partition_handling"] == "pause_minority"
+        assert node["image"] == rabbitmq["image"]
+        assert node["healthcheck"]["test"] == rabbitmq["healthcheck"]["test"]
+    volumes = [node["volumes"][0].split(":")[0] for node in nodes.values()]
+    assert len(set(volumes)) == len(nodes)
+
+
+def test_compose_cluster_nodes_share_one_erlang_cookie_readable_by_rabbitmq_only() -> None:
+    cookies = {
+        interpolate(node["environment"]["ERLANG_COOKIE"]) for node in cluster_nodes().values()
+    }
+    (cookie,) = cookies
+    assert cookie
+    for node in cluster_nodes().values():
+        shell, option, script = node["entrypoint"]
+        assert (shell, option) == ("sh", "-ec")
+        lines = script.splitlines()
+        assert lines[0] == "umask 077"
+        assert '"$$ERLANG_COOKIE" > /var/lib/rabbitmq/.erlang.cookie' in lines[1]
+        assert "chown rabbitmq:rabbitmq /var/lib/rabbitmq/.erlang.cookie" in lines
+        assert lines[-1] == "exec docker-entrypoint.sh rabbitmq-server"
+
+
+def test_compose_cluster_nodes_enable_the_consistent_hash_exchange() -> None:
+    for node in cluster_nodes().values():
+        text = mounted_configs(node)["/etc/rabbitmq/enabled_plugins"].read_text()
+        plugins = re.fullmatch(r"\s*\[([\w,\s]*)\]\.\s*", text)
+        assert plugins is not None, text
+        enabled = {plugin.strip() for plugin in plugins.group(1).split(",")}
+        # The management image's own plugins, and the exchange that can spread plugins'
+        # commands over several prefixes (README, "Beyond one queue").
+        assert enabled == {
+            "rabbitmq_management",
+            "rabbitmq_prometheus",
+            "rabbitmq_consistent_hash_exchange",
+        }
+
+
+def test_compose_cluster_nodes_publish_host_ports_of_their_own() -> None:
+    published = [
+        interpolate(port).split(":")[0]
+        for name in ("rabbitmq", *cluster_nodes())
+        for port in compose_services()[name]["ports"]
+    ]
+    assert len(published) == len(set(published))
 
 
 # -------------------------------------------------------------------------- Kubernetes

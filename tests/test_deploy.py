@@ -27,6 +27,7 @@ from worker.topology import Names
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+RABBITMQ_K8S = K8S / "rabbitmq"
 DOCKERFILE = DEPLOY / "Dockerfile"
 APP = "plugin-state-worker"
 APP_LABEL = "app.kubernetes.io/name"
@@ -470,6 +471,60 @@ def test_keda_scales_the_deployment_on_the_commands_queue_length() -> None:
     assert urlsplit(host).path == "/%2F"
 
 
+# ------------------------------------------------------------ Kubernetes: RabbitMQ cluster
+
+
+def rabbitmq_cluster() -> dict[str, Any]:
+    cluster: dict[str, Any] = manifests(RABBITMQ_K8S)["RabbitmqCluster"]
+    return cluster
+
+
+def test_rabbitmq_kustomization_lists_every_manifest_beside_it() -> None:
+    kustomization_of(RABBITMQ_K8S)
+    # Not part of the workers' kustomization: they deploy where the operator is not installed.
+    assert not any("rabbitmq" in resource for resource in kustomization_of(K8S)["resources"])
+
+
+def test_rabbitmq_cluster_runs_three_nodes_with_the_consistent_hash_exchange() -> None:
+    spec = rabbitmq_cluster()["spec"]
+    assert rabbitmq_cluster()["apiVersion"] == "rabbitmq.com/v1beta1"
+    assert spec["replicas"] == 3
+    assert "rabbitmq_consistent_hash_exchange" in spec["rabbitmq"]["additionalPlugins"]
+    assert spec["image"] == compose_services()["rabbitmq"]["image"]
+
+
+def test_rabbitmq_cluster_pauses_a_minority_as_the_compose_cluster_does() -> None:
+    config = rabbitmq_conf(rabbitmq_cluster()["spec"]["rabbitmq"]["additionalConfig"])
+    (node, *_) = cluster_nodes().values()
+    compose = rabbitmq_conf(
+        mounted_configs(node)["/etc/rabbitmq/conf.d/20-cluster.conf"].read_text()
+    )
+    assert config["cluster_partition_handling"] == "pause_minority"
+    assert config["cluster_partition_handling"] == compose["cluster_partition_handling"]
+
+
+def test_rabbitmq_cluster_has_resources_with_its_memory_limit_equal_to_the_request() -> None:
+    resources = rabbitmq_cluster()["spec"]["resources"]
+    for bound in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[bound]), bound
+    # RabbitMQ's memory high watermark is a share of the limit: it must be there.
+    assert resources["limits"]["memory"] == resources["requests"]["memory"]
+
+
+def test_rabbitmq_nodes_spread_over_kubernetes_nodes_and_are_evicted_one_at_a_time() -> None:
+    cluster = rabbitmq_cluster()
+    # The operator labels the cluster's pods app.kubernetes.io/name: <the cluster's name>.
+    pods = {APP_LABEL: cluster["metadata"]["name"]}
+    (term,) = cluster["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["labelSelector"]["matchLabels"] == pods
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    budget = manifests(RABBITMQ_K8S)["PodDisruptionBudget"]["spec"]
+    assert budget["selector"]["matchLabels"] == pods
+    assert budget["maxUnavailable"] == 1
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_every_object_with_the_released_image() -> None:
     built = subprocess.run(
@@ -485,3 +540,16 @@ def test_kustomize_builds_every_object_with_the_released_image() -> None:
     }
     (image,) = images
     assert ":" in image
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_the_rabbitmq_cluster() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(RABBITMQ_K8S)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    kinds = sorted(document["kind"] for document in yaml.safe_load_all(built) if document)
+    assert kinds == sorted(manifests(RABBITMQ_K8S))

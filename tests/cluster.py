@@ -8,11 +8,12 @@ tools run with. The nodes start in parallel; then nodes 2 and 3 ``join_cluster``
 (one at a time) and start again. Teardown stops every node gracefully, SIGKILLs one that
 has not stopped in time, and removes the directory.
 
-Configuration, as an operator would set up three nodes: ``cluster_partition_handling =
-pause_minority``, ``net_ticktime`` 10 s (a silent peer is noticed within seconds, not a
-minute), a 1 GiB memory high watermark per node (three nodes share the machine with
-everything else), a low disk free limit, guest on loopback only, and the plugins
-(``rabbitmq_consistent_hash_exchange``) in each node's own enabled-plugins file.
+Configuration (``cluster_node``), as an operator would set up three nodes:
+``cluster_partition_handling = pause_minority``, ``net_ticktime`` 10 s (a silent peer is
+noticed within seconds, not a minute), a 1 GiB memory high watermark per node (three nodes
+share the machine with everything else), a low disk free limit, guest on loopback only,
+and the plugins (``rabbitmq_consistent_hash_exchange``) in each node's own enabled-plugins
+file.
 
 Ports. The nodes' own ports come from ``PortReservations``: random, bindable, below the
 ephemeral range, never the machine broker's, and locked in a directory every run shares,
@@ -46,11 +47,9 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -58,66 +57,19 @@ from typing import Any
 import pytest
 
 from .cluster_network import ClusterNetwork, PortReservations
+from .cluster_node import Node, cli_env, start_watchdog
 from .helpers import wait_until
 
 SIZE = 3
 PLUGINS = ("rabbitmq_consistent_hash_exchange",)
-NET_TICKTIME_SECONDS = 10  # production's 60 would take a minute to notice a silent peer
-MEMORY_HIGH_WATERMARK = "1GiB"  # three nodes share the machine with everything else
-DISK_FREE_LIMIT = "200MB"
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 60.0
 CLI_INTERVAL = 0.5  # between CLI polls: each one boots an Erlang VM
-# The nodes and the CLI tools: distribution on loopback only, never an epmd of their own.
-DISTRIBUTION_ERL_ARGS = "-start_epmd false -kernel inet_dist_use_interface {127,0,0,1}"
-MARKER = "-pstest_node"  # an Erlang user flag: the node's name in its VM's command line
-
-
-# Runs in the nodes' process group. When the test process dies without closing the
-# cluster, the pipe to this one closes: it kills the nodes and removes their files.
-WATCHDOG = """
-import os, shutil, signal, sys
-sys.stdin.buffer.read()
-group = os.getpgid(0)
-for entry in os.listdir("/proc"):
-    if entry.isdigit() and int(entry) != os.getpid():
-        try:
-            if os.getpgid(int(entry)) == group:
-                os.kill(int(entry), signal.SIGKILL)
-        except OSError:
-            pass
-shutil.rmtree(sys.argv[1], ignore_errors=True)
-"""
 
 
 class ClusterError(RuntimeError):
     """A node of the test cluster or a CLI tool failed."""
-
-
-@dataclass
-class Node:
-    name: str
-    directory: Path
-    amqp_port: int  # what the node listens on; clients use its proxy
-    distribution_port: int
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def pid_file(self) -> Path:
-        return self.directory / "rabbitmq.pid"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        found = sorted((self.directory / "log").glob("*.log"))
-        return "\n".join(
-            f"--- {path.name}\n"
-            + "\n".join(path.read_text("utf-8", "replace").splitlines()[-lines:])
-            for path in found
-        )
 
 
 class RabbitCluster:
@@ -263,7 +215,7 @@ class RabbitCluster:
         """SIGKILL the node's Erlang VM (its helper processes exit with it), then the
         ``rabbitmq-server`` script that ran it."""
         member = self._nodes[node]
-        for pid in self._vm_pids(member):
+        for pid in member.vm_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if member.process is not None:
@@ -352,8 +304,8 @@ class RabbitCluster:
         cookie.chmod(0o400)
         (self.root / "rabbitmq-env.conf").touch()  # instead of the machine's /etc/rabbitmq one
         for member in self._nodes.values():
-            self._write_config(member)
-        self._start_watchdog()
+            member.write_config(self.plugins)
+        self._watchdog = start_watchdog(self.root)
         await self.network.start()
         for member in self._nodes.values():
             self._launch(member)
@@ -380,75 +332,12 @@ class RabbitCluster:
 
     # ------------------------------------------------------------------ the nodes
 
-    def _write_config(self, member: Node) -> None:
-        for directory in ("mnesia", "log", "plugins-expand"):
-            (member.directory / directory).mkdir(parents=True)
-        (member.directory / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{member.amqp_port}\n"
-            "loopback_users.guest = true\n"
-            "cluster_partition_handling = pause_minority\n"
-            f"vm_memory_high_watermark.absolute = {MEMORY_HIGH_WATERMARK}\n"
-            f"disk_free_limit.absolute = {DISK_FREE_LIMIT}\n"
-            "log.console = false\n"
-            "log.file.level = info\n"
-        )
-        (member.directory / "advanced.config").write_text(
-            f"[{{kernel, [{{net_ticktime, {NET_TICKTIME_SECONDS}}}]}}].\n"
-        )
-        (member.directory / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
-
     def _cli_env(self) -> dict[str, str]:
-        inherited = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(("RABBITMQ_", "ERL_"))
-        }
-        return {
-            **inherited,
-            "HOME": str(self.home),
-            "ERL_EPMD_PORT": str(self.network.epmd_port),
-            "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
-            # Any free port for a CLI tool's own node (not the machine's 35672-35682).
-            "RABBITMQ_CTL_DIST_PORT_MIN": "0",
-            "RABBITMQ_CTL_DIST_PORT_MAX": "0",
-            "RABBITMQ_CTL_ERL_ARGS": DISTRIBUTION_ERL_ARGS,
-        }
-
-    def _server_env(self, member: Node) -> dict[str, str]:
-        directory = member.directory
-        return {
-            **self._cli_env(),
-            "RABBITMQ_NODENAME": member.name,
-            "RABBITMQ_DIST_PORT": str(member.distribution_port),
-            "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(directory / "log"),
-            "RABBITMQ_PLUGINS_EXPAND_DIR": str(directory / "plugins-expand"),
-            "RABBITMQ_PID_FILE": str(member.pid_file),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": " ".join(
-                (DISTRIBUTION_ERL_ARGS, MARKER, member.name)
-            ),
-        }
-
-    def _start_watchdog(self) -> None:
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", WATCHDOG, self.root], stdin=subprocess.PIPE, process_group=0
-        )
+        return cli_env(self.home, self.network.epmd_port, self.root / "rabbitmq-env.conf")
 
     def _launch(self, member: Node) -> None:
         assert self._watchdog is not None
-        with (member.directory / "log" / "stdout.log").open("ab") as log:
-            member.process = subprocess.Popen(
-                [self.bin / "rabbitmq-server"],
-                env=self._server_env(member),
-                cwd=member.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                process_group=self._watchdog.pid,
-            )
+        member.launch(self.bin / "rabbitmq-server", self._cli_env(), self._watchdog.pid)
 
     async def _booted(self, member: Node) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
@@ -461,24 +350,13 @@ class RabbitCluster:
         failure = None if member.running else "it exited"
         if failure is None:
             try:
-                await self.rabbitmqctl(member.name, "await_startup", "--timeout", str(remaining))
+                await self.rabbitmqctl(
+                    member.name, "await_startup", "--timeout", str(remaining), timeout=remaining + 5
+                )
             except ClusterError as exc:
                 failure = str(exc)
         if failure is not None:
             raise ClusterError(f"{member.name} did not boot: {failure}\n{member.log_tail()}")
-
-    def _vm_pids(self, member: Node) -> list[int]:
-        """The node's Erlang VM: its pid file's pid if its command line names the node,
-        else any process whose command line does (one killed before it wrote the file)."""
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(member.pid_file.read_text().strip())
-            if _names(pid, member.name):
-                return [pid]
-        return [
-            int(entry.name)
-            for entry in Path("/proc").iterdir()
-            if entry.name.isdigit() and _names(int(entry.name), member.name)
-        ]
 
     def _reachable(self) -> str:
         """A running node that is not cut off, to ask about the cluster."""
@@ -486,16 +364,6 @@ class RabbitCluster:
             if member.running and not self.network.is_cut(name):
                 return name
         raise ClusterError("no node is running and reachable")
-
-
-def _names(pid: int, node: str) -> bool:
-    """Whether process ``pid`` is the Erlang VM of ``node`` (by its ``MARKER`` flag)."""
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    marker = [MARKER.encode(), node.encode()]
-    return any(arguments[i : i + 2] == marker for i in range(len(arguments) - 1))
 
 
 def require_rabbitmq_server() -> None:

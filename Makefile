@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint fuzz bench clean
+.PHONY: install run test lint fuzz cluster-test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ lint: install
 fuzz: install
 	PLUGIN_STATE_FUZZ_EXAMPLES=$${PLUGIN_STATE_FUZZ_EXAMPLES:-50000} $(BIN)/pytest -p no:cacheprovider \
 		tests/test_contract.py -k "any_" tests/test_hostile_input.py
+
+## The tests of the test-owned 3-node RabbitMQ cluster (tests/cluster.py), at full size:
+## more messages through each kill and partition than `make test` sends.
+cluster-test: install
+	PLUGIN_STATE_CLUSTER_MESSAGES=$${PLUGIN_STATE_CLUSTER_MESSAGES:-5000} $(BIN)/pytest -p no:cacheprovider \
+		-m cluster -s
 
 ## The benchmark of docs/performance.md (full size; see --help for the knobs).
 bench: install

@@ -26,6 +26,10 @@ from worker.topology import Names
 from . import helpers
 from .services import ServiceUrls, service_urls
 
+# The test-owned RabbitMQ cluster (fixture ``rabbit_cluster``): started only for the tests
+# that ask for it, which are marked ``cluster``.
+pytest_plugins = ["tests.cluster"]
+
 
 def unique(kind: str) -> str:
     return f"pstest_{kind}_{uuid.uuid4().hex[:10]}"

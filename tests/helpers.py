@@ -42,14 +42,17 @@ def uuid7(at_ms: int | None = None) -> uuid.UUID:
 
 
 async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+    predicate: Callable[[], Awaitable[bool]],
+    timeout: float = 15.0,
+    what: str = "condition",
+    interval: float = 0.05,
 ) -> None:
     """Poll an effect until it holds, failing with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
 
 
 def encode(body: dict[str, Any] | bytes, content_type: str = JSON) -> bytes:

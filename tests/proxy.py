@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Self
 
 
 class TcpProxy:
@@ -19,7 +20,7 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.cut_off = False
 
-    async def __aenter__(self) -> TcpProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -51,16 +52,25 @@ class TcpProxy:
         if self.cut_off:
             writer.transport.abort()
             return
+        await self._forward(reader, writer)
+
+    async def _forward(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes = b""
+    ) -> asyncio.StreamWriter | None:
+        """Connect to the target, send it ``first`` (bytes already read from the client),
+        then pipe both ways; the target's writer, or None when it refused."""
         try:
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.transport.abort()
-            return
+            return None
+        up_writer.write(first)
         self._writers.update((writer, up_writer))
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(source, sink))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return up_writer
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -27,6 +27,7 @@ from worker.topology import Names
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+RABBITMQ_K8S = K8S / "rabbitmq"
 DOCKERFILE = DEPLOY / "Dockerfile"
 APP = "plugin-state-worker"
 APP_LABEL = "app.kubernetes.io/name"
@@ -43,10 +44,11 @@ def yaml_files() -> list[Path]:
     return sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object of deploy/k8s by kind (each kind occurs once)."""
+def manifests(directory: Path = K8S) -> dict[str, dict[str, Any]]:
+    """Every Kubernetes object of deploy/k8s (or another directory) by kind (each kind
+    occurs once)."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for document in load_all(path):
@@ -128,10 +130,15 @@ def test_every_yaml_file_in_deploy_parses(path: Path) -> None:
     assert load_all(path), f"{path.name} holds no document"
 
 
+def kustomization_of(directory: Path) -> dict[str, Any]:
+    kustomization: dict[str, Any] = load_all(directory / "kustomization.yaml")[0]
+    on_disk = {path.name for path in directory.glob("*.y*ml")} - {"kustomization.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(on_disk), directory.name
+    return kustomization
+
+
 def test_kustomization_lists_every_manifest_in_deploy_k8s() -> None:
-    kustomization = load_all(K8S / "kustomization.yaml")[0]
-    on_disk = {path.name for path in K8S.glob("*.y*ml")} - {"kustomization.yaml"}
-    assert sorted(kustomization["resources"]) == sorted(on_disk)
+    kustomization = kustomization_of(K8S)
     (image,) = kustomization["images"]
     assert image["name"] == only_container("Deployment")["image"]
     assert image["name"] == only_container("Job")["image"]
@@ -270,6 +277,98 @@ def test_compose_points_the_worker_at_its_own_services() -> None:
         assert environment.get("PLUGIN_STATE_HTTP_PORT", str(HTTP_PORT)) == str(HTTP_PORT)
 
 
+def rabbitmq_conf(text: str) -> dict[str, str]:
+    """A rabbitmq.conf (``key = value`` lines, ``#`` comments) as a dict."""
+    pairs = (line.strip().partition("=") for line in text.splitlines())
+    return {key.strip(): value.strip() for key, _, value in pairs if key and key[0] != "#"}
+
+
+def cluster_nodes() -> dict[str, Any]:
+    """The RabbitMQ nodes of the compose file's ``cluster`` profile."""
+    return {
+        name: service
+        for name, service in compose_services().items()
+        if "cluster" in service.get("profiles", [])
+    }
+
+
+def compose_config(name: str) -> Path:
+    path: Path = DEPLOY / load_all(DEPLOY / "compose.yaml")[0]["configs"][name]["file"]
+    return path
+
+
+def mounted_configs(service: dict[str, Any]) -> dict[str, Path]:
+    return {config["target"]: compose_config(config["source"]) for config in service["configs"]}
+
+
+def test_compose_runs_only_the_single_broker_setup_without_a_profile() -> None:
+    for name, service in compose_services().items():
+        assert ("profiles" in service) == (name in cluster_nodes()), name
+    assert set(cluster_nodes()) == {"rabbitmq-1", "rabbitmq-2", "rabbitmq-3"}
+
+
+def test_compose_cluster_nodes_find_each_other_by_name_and_pause_a_minority() -> None:
+    nodes = cluster_nodes()
+    rabbitmq = compose_services()["rabbitmq"]
+    for node in nodes.values():
+        conf = rabbitmq_conf(
+            mounted_configs(node)["/etc/rabbitmq/conf.d/20-cluster.conf"].read_text()
+        )
+        assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+        listed = {
+            value
+            for key, value in conf.items()
+            if key.startswith("cluster_formation.classic_config.nodes.")
+        }
+        # A node's name is rabbit@<its host name>, and each one has its own data.
+        assert listed == {f"rabbit@{other['hostname']}" for other in nodes.values()}
+        assert conf["cluster_partition_handling"] == "pause_minority"
+        assert node["image"] == rabbitmq["image"]
+        assert node["healthcheck"]["test"] == rabbitmq["healthcheck"]["test"]
+    volumes = [node["volumes"][0].split(":")[0] for node in nodes.values()]
+    assert len(set(volumes)) == len(nodes)
+
+
+def test_compose_cluster_nodes_share_one_erlang_cookie_readable_by_rabbitmq_only() -> None:
+    cookies = {
+        interpolate(node["environment"]["ERLANG_COOKIE"]) for node in cluster_nodes().values()
+    }
+    (cookie,) = cookies
+    assert cookie
+    for node in cluster_nodes().values():
+        shell, option, script = node["entrypoint"]
+        assert (shell, option) == ("sh", "-ec")
+        lines = script.splitlines()
+        assert lines[0] == "umask 077"
+        assert '"$$ERLANG_COOKIE" > /var/lib/rabbitmq/.erlang.cookie' in lines[1]
+        assert "chown rabbitmq:rabbitmq /var/lib/rabbitmq/.erlang.cookie" in lines
+        assert lines[-1] == "exec docker-entrypoint.sh rabbitmq-server"
+
+
+def test_compose_cluster_nodes_enable_the_consistent_hash_exchange() -> None:
+    for node in cluster_nodes().values():
+        text = mounted_configs(node)["/etc/rabbitmq/enabled_plugins"].read_text()
+        plugins = re.fullmatch(r"\s*\[([\w,\s]*)\]\.\s*", text)
+        assert plugins is not None, text
+        enabled = {plugin.strip() for plugin in plugins.group(1).split(",")}
+        # The management image's own plugins, and the exchange that can spread plugins'
+        # commands over several prefixes (README, "Beyond one queue").
+        assert enabled == {
+            "rabbitmq_management",
+            "rabbitmq_prometheus",
+            "rabbitmq_consistent_hash_exchange",
+        }
+
+
+def test_compose_cluster_nodes_publish_host_ports_of_their_own() -> None:
+    published = [
+        interpolate(port).split(":")[0]
+        for name in ("rabbitmq", *cluster_nodes())
+        for port in compose_services()[name]["ports"]
+    ]
+    assert len(published) == len(set(published))
+
+
 # -------------------------------------------------------------------------- Kubernetes
 
 
@@ -372,6 +471,60 @@ def test_keda_scales_the_deployment_on_the_commands_queue_length() -> None:
     assert urlsplit(host).path == "/%2F"
 
 
+# ------------------------------------------------------------ Kubernetes: RabbitMQ cluster
+
+
+def rabbitmq_cluster() -> dict[str, Any]:
+    cluster: dict[str, Any] = manifests(RABBITMQ_K8S)["RabbitmqCluster"]
+    return cluster
+
+
+def test_rabbitmq_kustomization_lists_every_manifest_beside_it() -> None:
+    kustomization_of(RABBITMQ_K8S)
+    # Not part of the workers' kustomization: they deploy where the operator is not installed.
+    assert not any("rabbitmq" in resource for resource in kustomization_of(K8S)["resources"])
+
+
+def test_rabbitmq_cluster_runs_three_nodes_with_the_consistent_hash_exchange() -> None:
+    spec = rabbitmq_cluster()["spec"]
+    assert rabbitmq_cluster()["apiVersion"] == "rabbitmq.com/v1beta1"
+    assert spec["replicas"] == 3
+    assert "rabbitmq_consistent_hash_exchange" in spec["rabbitmq"]["additionalPlugins"]
+    assert spec["image"] == compose_services()["rabbitmq"]["image"]
+
+
+def test_rabbitmq_cluster_pauses_a_minority_as_the_compose_cluster_does() -> None:
+    config = rabbitmq_conf(rabbitmq_cluster()["spec"]["rabbitmq"]["additionalConfig"])
+    (node, *_) = cluster_nodes().values()
+    compose = rabbitmq_conf(
+        mounted_configs(node)["/etc/rabbitmq/conf.d/20-cluster.conf"].read_text()
+    )
+    assert config["cluster_partition_handling"] == "pause_minority"
+    assert config["cluster_partition_handling"] == compose["cluster_partition_handling"]
+
+
+def test_rabbitmq_cluster_has_resources_with_its_memory_limit_equal_to_the_request() -> None:
+    resources = rabbitmq_cluster()["spec"]["resources"]
+    for bound in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[bound]), bound
+    # RabbitMQ's memory high watermark is a share of the limit: it must be there.
+    assert resources["limits"]["memory"] == resources["requests"]["memory"]
+
+
+def test_rabbitmq_nodes_spread_over_kubernetes_nodes_and_are_evicted_one_at_a_time() -> None:
+    cluster = rabbitmq_cluster()
+    # The operator labels the cluster's pods app.kubernetes.io/name: <the cluster's name>.
+    pods = {APP_LABEL: cluster["metadata"]["name"]}
+    (term,) = cluster["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["labelSelector"]["matchLabels"] == pods
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    budget = manifests(RABBITMQ_K8S)["PodDisruptionBudget"]["spec"]
+    assert budget["selector"]["matchLabels"] == pods
+    assert budget["maxUnavailable"] == 1
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_every_object_with_the_released_image() -> None:
     built = subprocess.run(
@@ -387,3 +540,16 @@ def test_kustomize_builds_every_object_with_the_released_image() -> None:
     }
     (image,) = images
     assert ":" in image
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_the_rabbitmq_cluster() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(RABBITMQ_K8S)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    kinds = sorted(document["kind"] for document in yaml.safe_load_all(built) if document)
+    assert kinds == sorted(manifests(RABBITMQ_K8S))

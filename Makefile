@@ -29,10 +29,16 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## A long fuzz run of the decoder, the validator and the running worker (hypothesis).
+## A long fuzz run: the coverage-guided fuzzer for PLUGIN_STATE_FUZZ_SECONDS (1 hour), hypothesis
+## over hostile bytes and structures, and hostile messages through running workers.
 fuzz: install
-	PLUGIN_STATE_FUZZ_EXAMPLES=$${PLUGIN_STATE_FUZZ_EXAMPLES:-50000} $(BIN)/pytest -p no:cacheprovider \
-		tests/test_contract.py -k "any_" tests/test_hostile_input.py
+	export PLUGIN_STATE_FUZZ_SECONDS=$${PLUGIN_STATE_FUZZ_SECONDS:-3600} \
+		PLUGIN_STATE_FUZZ_RUNS=$${PLUGIN_STATE_FUZZ_RUNS:--1} \
+		PLUGIN_STATE_FUZZ_EXAMPLES=$${PLUGIN_STATE_FUZZ_EXAMPLES:-50000} \
+		PLUGIN_STATE_SOAK_SECONDS=$${PLUGIN_STATE_SOAK_SECONDS:-600}; \
+	$(BIN)/pytest -p no:cacheprovider -s tests/test_fuzz.py tests/test_hostile_input.py \
+		tests/test_hostile_soak.py && \
+	$(BIN)/pytest -p no:cacheprovider tests/test_contract.py -k "any_"
 
 ## The tests of the test-owned 3-node RabbitMQ cluster (tests/cluster.py), at full size:
 ## more messages through each kill and partition than `make test` sends.

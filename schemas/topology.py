@@ -13,6 +13,10 @@ from typing import Final
 DEFAULT_PREFIX: Final = "plugin_state"
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 """RabbitMQ's direct reply-to pseudo-queue, the recommended ``reply_to``."""
+DEADLINE_HEADER: Final = "x-deadline"
+"""An optional header of a read: the Unix time in milliseconds after which its caller no
+longer waits for the answer (an extension of protocol §3; it bounds a read's wait however
+long the request queued)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,7 @@ class RawRpc:
         expiration: float | None = None,
         reply: bool = True,
         kind: str = "rpc",
+        headers: dict[str, Any] | None = None,
     ) -> asyncio.Future[aio_pika.abc.AbstractIncomingMessage]:
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[aio_pika.abc.AbstractIncomingMessage] = (
@@ -75,6 +76,7 @@ class RawRpc:
                 reply_to=DIRECT_REPLY_TO if reply else None,
                 expiration=expiration,
                 user_id=self.user_id,
+                headers=headers,
             ),
             routing_key=f"{kind}.{plugin_id}",
         )
@@ -89,10 +91,16 @@ class RawRpc:
         expiration: float | None = None,
         timeout: float = 10.0,
         kind: str = "rpc",
+        headers: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Send and wait for the reply (a write with ``kind="cmd"`` gets one after commit)."""
         future = await self.send(
-            plugin_id, body, content_type=content_type, expiration=expiration, kind=kind
+            plugin_id,
+            body,
+            content_type=content_type,
+            expiration=expiration,
+            kind=kind,
+            headers=headers,
         )
         message = await asyncio.wait_for(future, timeout)
         assert message.content_type == (content_type if content_type == MSGPACK else JSON)

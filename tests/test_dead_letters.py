@@ -366,3 +366,57 @@ async def test_the_commands_fail_cleanly_when_the_topology_does_not_exist(
 
     assert result.exit_code == 1
     assert f"there is no queue '{Names(settings.prefix).dead}'" in result.stderr
+
+
+async def test_replay_leaves_forbidden_letters_unless_asked_for_by_code(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings, plugin_id: uuid.UUID
+) -> None:
+    """A replay goes out as the operator's user: a write its publisher was not allowed to
+    make must not slip through as the operator's."""
+    await declare(amqp, settings)
+    queue = Names(settings.prefix).dead
+    routing_key = Names.command_key(plugin_id)
+    await publish_dead_letter(amqp, settings, "refused", "forbidden", routing_key)
+    await publish_dead_letter(amqp, settings, "fixable", "unknown_plugin", routing_key)
+    commands = await amqp.declare_queue(Names(settings.prefix).commands_queue, passive=True)
+
+    everything = succeeded(await dead(settings, "replay", "--yes"))
+    assert "left 1 forbidden one(s) in place" in everything.stdout
+    assert [letter["code"] for letter in await listed(settings)] == ["forbidden"]
+    await wait_for_count(amqp, commands.name, 1, "the fixable letter replayed")
+
+    succeeded(await dead(settings, "replay", "--yes", "--code", "forbidden"))
+    await wait_for_count(amqp, queue, 0, "the forbidden letter replayed when asked")
+    await wait_for_count(amqp, commands.name, 2, "both replayed")
+
+
+async def test_list_and_purge_take_any_letter_however_malformed(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    await declare(amqp, settings)
+    queue = Names(settings.prefix).dead
+    exchange = await amqp.get_exchange(queue, ensure=False)
+    deep_msgpack = b"\x91" * 5000 + b"\x90"
+    odd = [
+        aio_pika.Message(deep_msgpack, content_type=MSGPACK, correlation_id="deep"),
+        aio_pika.Message(b"\xc1\xff", content_type=MSGPACK, correlation_id="not-msgpack"),
+        aio_pika.Message(
+            b"{}",
+            headers={"x-death": "not a list", "x-reject-code": 7, "x-original-exchange": [1]},
+            correlation_id="odd-headers",
+        ),
+        aio_pika.Message(b"", correlation_id="empty"),
+    ]
+    for message in odd:
+        await exchange.publish(message, routing_key="cmd.whatever")
+    await wait_for_count(amqp, queue, len(odd), "the odd letters")
+    letters = await listed(settings)
+    assert [letter["correlation_id"] for letter in letters] == [
+        "deep",
+        "not-msgpack",
+        "odd-headers",
+        "empty",
+    ]
+    assert all(len(letter["preview"]) <= PREVIEW_CHARS for letter in letters)
+    succeeded(await dead(settings, "purge", "--all", "--yes"))
+    await wait_for_count(amqp, queue, 0, "every odd letter purged")

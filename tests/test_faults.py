@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -189,3 +190,64 @@ async def test_lost_broker_connection_reconnects_and_resumes(
     await stream.publish(amqp, prefix, start=1500)
     await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
     assert await dead_letters(amqp, prefix) == 0
+
+
+async def test_resuming_after_a_postgres_outage_survives_a_broker_hiccup(
+    start_worker: StartWorker,
+    pg_proxy: TcpProxy,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    require_rabbitmqctl()
+    stream = Stream(plugin_id, count=1000, seed=5)
+    worker = await start_worker(database_url=through(settings.database_url, pg_proxy.port))
+    await stream.publish(amqp, prefix, stop=500)
+    await wait_until(lambda: stream.some_applied(db), what="the first writes")
+    pg_proxy.cut()
+    await stream.publish(amqp, prefix, start=500)
+
+    async def paused() -> bool:
+        return worker.metrics.value("plugin_state_consumer_paused") == 1
+
+    await wait_until(paused, what="the consumer to pause")
+    # The broker goes away while the consumer is paused: its resume meets a dead channel.
+    assert await close_connections(worker.instance) == 1
+    pg_proxy.restore()
+    await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
+    assert worker.consumer is not None
+    await wait_until(
+        lambda: asyncio.sleep(0, worker.consumer is not None and worker.consumer.consuming),
+        what="the consumer to consume again",
+    )
+    assert await dead_letters(amqp, prefix) == 0
+
+
+async def test_sigterm_while_the_broker_is_unreachable_exits_zero_within_the_drain(
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    await declare(amqp, settings)
+    target = urlsplit(settings.amqp_url)
+    async with TcpProxy(target.hostname or "localhost", target.port or 5672) as proxy:
+        amqp_url = urlunsplit(
+            target._replace(netloc=f"{target.netloc.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}")
+        )
+        process = spawn_worker(settings.with_changes(amqp_url=amqp_url), drain_timeout_seconds="3")
+        stream = Stream(plugin_id, count=200, seed=6)
+        await stream.publish(amqp, prefix)
+        await wait_until(lambda: stream.some_applied(db), what="the worker to apply writes")
+        proxy.cut()  # the broker is gone for the worker, mid-stream
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await wait_exit(process, timeout=20)
+        took = time.monotonic() - started
+    print(f"SIGTERM during a broker outage: exit {code} after {took:.1f}s")
+    assert code == 0
+    assert took < 10

@@ -12,6 +12,7 @@ import asyncpg
 import msgspec
 
 from schemas.codec import JSON, MSGPACK
+from worker.config import Settings
 from worker.topology import Names
 
 from . import helpers
@@ -222,3 +223,41 @@ async def test_writes_with_reply_to_get_applied_superseded_or_error_after_commit
     assert got["older"] == {"type": "applied", "id": str(older_id), "outcome": "superseded"}
     assert got["bad"]["type"] == "error" and got["bad"]["code"] == "invalid_request"
     assert await state_of(db, plugin_id) == {("issue", "ISS-1", "default", "k"): "new"}
+
+
+async def test_a_reject_whose_dead_letter_fails_is_not_lost_to_the_next_batchs_ack(
+    start_worker: StartWorker,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    await start_worker()
+    names = Names(prefix)
+    # The dead-letter exchange goes away: every dead letter's publish now fails.
+    await amqp.exchange_delete(names.dead)
+    bad = {**set_cmd(plugin_id, "bad", 1), "scope_kind": "galaxy"}
+    await publish_labelled(amqp, prefix, plugin_id, "bad", msgspec.json.encode(bad), JSON, None)
+    for n in range(20):  # later batches, whose multiple acks once covered the reject
+        await helpers.publish(amqp, prefix, plugin_id, set_cmd(plugin_id, f"good-{n}", n))
+
+    async def good_applied() -> bool:
+        return len(await state_of(db, plugin_id)) == 20
+
+    await wait_until(good_applied, what="the good writes")
+    # Back: the reject comes round again and now reaches the dead-letter queue.
+    dead_exchange = await amqp.declare_exchange(
+        names.dead, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead = await amqp.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    await dead.bind(dead_exchange)
+
+    async def dead_lettered() -> bool:
+        queue = await amqp.declare_queue(names.dead, passive=True)
+        return bool(queue.declaration_result.message_count == 1)
+
+    await wait_until(dead_lettered, what="the reject in the dead-letter queue")
+    (letter,) = await queue_messages(amqp, names.dead)
+    assert letter.correlation_id == "bad"
+    assert (letter.headers or {})["x-reject-code"] == "invalid_request"

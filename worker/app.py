@@ -92,11 +92,10 @@ class Worker:
         )
         # One channel per consumer, so each has its own prefetch and its own delivery tags
         # (the write path acks with `multiple`); replies and dead letters on their own.
+        # Each subscription sets its channel's prefetch (worker.broker.Subscription).
         commands_channel = await self.connection.channel()
-        await commands_channel.set_qos(prefetch_count=settings.effective_prefetch)
         await declare(commands_channel, settings)
         rpc_channel = await self.connection.channel()
-        await rpc_channel.set_qos(prefetch_count=settings.rpc_prefetch)
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
         notices_channel = await self.connection.channel(publisher_confirms=False)

@@ -142,12 +142,16 @@ class Subscription:
     broker cancels and failures.
 
     The owner starts it, and holds it back for a reason (``hold``) until the reason passes
-    (``release``): draining, a failing database, or too many bytes held unsettled (RabbitMQ's
+    (``release``): draining, a failing database, or too many bytes held unsettled. RabbitMQ's
     prefetch counts messages, not bytes, so the subscription counts the bodies it hands out
-    and steps back past ``max_held_bytes``; the owner reports what it settled with
-    ``settled``). It consumes while started and not held. When reality differs (a channel
-    reopened after a reconnect, the broker cancelled the consumer because a node went down or
-    the queue moved, a ``basic.consume`` failed), ``keep`` (a task of the owner's task group)
+    (the owner reports what it settled with ``settled``), steps back past ``max_held_bytes``,
+    and consumes again with a prefetch lowered to what that many bytes hold at the bodies'
+    average size: after the first wave of large messages, what a worker holds stays near the
+    limit whatever their size.
+
+    It consumes while started and not held. When reality differs (a channel reopened after a
+    reconnect, the broker cancelled the consumer because a node went down or the queue
+    moved, a ``basic.consume`` failed), ``keep`` (a task of the owner's task group)
     makes it so again, with capped exponential back-off.
 
     It consumes through aiormq directly, so aio-pika's robust channel does not restore it.
@@ -159,6 +163,7 @@ class Subscription:
         queue: str,
         on_delivery: Callable[[Delivery], None],
         *,
+        prefetch: int = 0,
         max_held_bytes: int = 0,
         retry_initial: float = 0.2,
         retry_max: float = 10.0,
@@ -166,7 +171,9 @@ class Subscription:
         self.channel = channel
         self.queue = queue
         self.on_delivery = on_delivery
+        self.prefetch = prefetch
         self.max_held_bytes = max_held_bytes
+        self.average_body = 0.0
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.held_bytes = 0
@@ -177,6 +184,8 @@ class Subscription:
         self._generation = 0
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._backoff = retry_initial
+        self._backing_off: asyncio.Task[None] | None = None
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
@@ -198,6 +207,8 @@ class Subscription:
         this returns. What is held stays held (unacked) until settled or the channel
         closes."""
         await self.hold("stopped")
+        if self._backing_off is not None:
+            self._backing_off.cancel()
         await settle_deliveries()
 
     async def hold(self, reason: str) -> None:
@@ -210,6 +221,27 @@ class Subscription:
         if reason in self._holds:
             self._holds.discard(reason)
             await self._try_reconcile()
+
+    def back_off(self) -> None:
+        """Take no deliveries for a while, longer each time in a row: after deliveries were
+        given back because what settling them needs (a dead letter, a reply) failed, so that
+        the queue does not spin through them until the broker takes them again."""
+        if self._backing_off is not None and not self._backing_off.done():
+            return
+        delay, self._backoff = self._backoff, min(self._backoff * 2, self.retry_max)
+
+        async def hold_then_release() -> None:
+            await self.hold("backing_off")
+            await asyncio.sleep(delay)
+            await self.release("backing_off")
+
+        self._backing_off = asyncio.get_running_loop().create_task(
+            hold_then_release(), name=f"back-off {self.queue}"
+        )
+
+    def went_well(self) -> None:
+        """Settling worked: the next back-off starts short again."""
+        self._backoff = self.retry_initial
 
     def settled(self, deliveries: Iterable[Delivery]) -> None:
         """The owner has acked, nacked or dead-lettered these: their bytes are free."""
@@ -244,9 +276,19 @@ class Subscription:
             log.info("subscription_change_deferred", queue=self.queue, error=repr(exc))
             self._changed.set()
 
+    def current_prefetch(self) -> int:
+        """The prefetch to consume with: the configured one, lowered so that a prefetch of
+        bodies of the average size seen fits in ``max_held_bytes``."""
+        if not self.max_held_bytes or self.average_body < 1:
+            return self.prefetch
+        fitting = max(1, int(self.max_held_bytes // self.average_body))
+        return min(self.prefetch, fitting) if self.prefetch else fitting
+
     async def _reconcile(self) -> None:
         if self.wanted and self._tag is None:
             underlay = await self.channel.get_underlay_channel()
+            if self.prefetch or self.max_held_bytes:
+                await underlay.basic_qos(prefetch_count=self.current_prefetch())
             ok = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
             if underlay is not self._underlay:
                 underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
@@ -274,7 +316,10 @@ class Subscription:
     async def _deliver(self, raw: DeliveredMessage) -> None:
         delivery = Delivery(raw, time.monotonic(), self._generation)
         if self.max_held_bytes:
-            self.held_bytes += len(raw.body)
+            size = len(raw.body)
+            # Moves fast with the traffic: the next prefetch should fit what comes now.
+            self.average_body += (size - self.average_body) * 0.05
+            self.held_bytes += size
             if self.held_bytes > self.max_held_bytes and "held_bytes" not in self._holds:
                 log.info("holding_back_deliveries", queue=self.queue, held_bytes=self.held_bytes)
                 self._holds.add("held_bytes")

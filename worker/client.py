@@ -16,8 +16,19 @@ same channel. They carry ``expiration`` equal to the time the caller still waits
 small margin for the answer to travel back), so a worker drops requests nobody waits for.
 ``get`` and ``get_many`` read your own writes: the client remembers the id of its last
 write per entry (a bounded LRU) and sends it as ``after``. When the worker answers
-``write_pending`` (that write was most likely rejected), the client forgets that id, so
-only one read fails. ``list`` has no such guarantee; write with ``wait=True`` first.
+``write_pending``, the read raises ``WritePending`` and the client keeps the id: the next
+read waits for that write again rather than silently return an older value. A write that
+was rejected (it is in the dead-letter queue) is never applied: ``forget_write`` drops its
+id, so that reads answer what is stored. ``list`` has no such guarantee; write with
+``wait=True`` first. Reads carry the caller's deadline (the ``x-deadline`` header), so a
+worker never waits for a write longer than the caller waits for the answer, however long
+the request queued.
+
+**Replies** come through RabbitMQ's direct reply-to, or, with ``reply_queue=NAME``, through
+a queue of the client's own, ``<prefix>.reply.<plugin_id>.NAME`` (exclusive to the
+connection, deleted with it): the only other place a worker answers (protocol §3). The
+plugin's RabbitMQ user then needs configure and read permissions on it
+(``deploy/rabbitmq/grant-plugin-user.sh`` gives them).
 
 **Failures.** Every call has a deadline (the client's ``timeout`` unless given). When the
 connection or channel is lost, a call is sent again once the channel is back, until its
@@ -41,6 +52,7 @@ import builtins  # ``StateClient.list`` hides ``list`` in the class's annotation
 import math
 import os
 import socket
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -90,11 +102,10 @@ from schemas.messages import (
     ValueReply,
     ValuesReply,
 )
-from worker.topology import Names
+from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 
 log = structlog.get_logger(__name__)
 
-DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 # How soon the robust connection tries again after losing the broker (aio-pika's default,
 # 5 s, is as long as a whole default call).
 _RECONNECT_INTERVAL: Final = 1.0
@@ -298,10 +309,8 @@ class LastWrites:
             self._ids.move_to_end(entry)
         return write_id
 
-    def forget(self, entry: _EntryKey, write_id: uuid.UUID) -> None:
-        """Forget ``write_id`` unless a newer write to the entry has been recorded since."""
-        if self._ids.get(entry) == write_id:
-            del self._ids[entry]
+    def drop(self, entry: _EntryKey) -> None:
+        self._ids.pop(entry, None)
 
 
 # --------------------------------------------------------------------------- client
@@ -320,9 +329,12 @@ class StateClient:
         timeout: float = 5.0,
         remember: int = 10_000,
         connection_name: str | None = None,
+        reply_queue: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if reply_queue is not None and not reply_queue:
+            raise ValueError("reply_queue needs a name")
         self.plugin_id = uuid.UUID(str(plugin_id))
         self.timeout = timeout
         self.connection_name = connection_name or (
@@ -335,6 +347,11 @@ class StateClient:
         # user may act for the plugin (protocol §6). aio-pika logs in as guest by default.
         self._user_id = URL(amqp_url).user or "guest"
         self._names = Names(prefix)
+        self._reply_to = (
+            DIRECT_REPLY_TO
+            if reply_queue is None
+            else self._names.reply_queue_prefix(self.plugin_id) + reply_queue
+        )
         try:
             self._codec = codec_for(content_type)
         except StateError as exc:
@@ -363,7 +380,12 @@ class StateClient:
             channel.close_callbacks.add(self._on_channel_closed)
             # Declared robust, the reply consumer is restored with the channel after a
             # reconnect, before the channel counts as ready again.
-            replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+            if self._reply_to == DIRECT_REPLY_TO:
+                replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+            else:
+                replies = await channel.declare_queue(
+                    self._reply_to, exclusive=True, auto_delete=True
+                )
             await replies.consume(self._on_reply, no_ack=True)
         except BaseException:
             await connection.close()
@@ -411,6 +433,12 @@ class StateClient:
     ) -> uuid.UUID | None:
         """The id of this client's last confirmed write to the entry, if it remembers one."""
         return self._last_writes.get(_entry_key(scope, namespace, key))
+
+    def forget_write(self, scope: Scope, key: str, *, namespace: str = DEFAULT_NAMESPACE) -> None:
+        """Stop reading the entry as of this client's last write to it: for a write that was
+        rejected (``get`` raised ``WritePending`` and the write is in the dead-letter queue),
+        so that reads answer what is stored."""
+        self._last_writes.drop(_entry_key(scope, namespace, key))
 
     # --------------------------------------------------------------------- writes
 
@@ -518,7 +546,7 @@ class StateClient:
             key=key,
             after=after,
         )
-        reply = await self._read(request, ValueReply, [(entry, after)], timeout)
+        reply = await self._read(request, ValueReply, timeout)
         return _entry(scope, namespace, key, reply)
 
     async def get_many(
@@ -539,7 +567,7 @@ class StateClient:
                 for (scope, key, ns), after in zip(wanted, afters, strict=True)
             ],
         )
-        reply = await self._read(request, ValuesReply, zip(entries, afters, strict=True), timeout)
+        reply = await self._read(request, ValuesReply, timeout)
         if len(reply.items) != len(wanted):
             raise UnexpectedReply(f"{len(reply.items)} values for {len(wanted)} entries")
         return [
@@ -571,7 +599,7 @@ class StateClient:
                 limit=page_size,
                 cursor=cursor,
             )
-            page = await self._read(request, PageReply, (), timeout)
+            page = await self._read(request, PageReply, timeout)
             for item in page.items:
                 yield Entry(
                     scope=Scope(item.scope_kind, item.scope_id),
@@ -589,7 +617,6 @@ class StateClient:
         self,
         request: GetRequest | GetManyRequest | ListRequest,
         kind: type[R],
-        sent_after: Iterable[tuple[_EntryKey, uuid.UUID | None]],
         timeout: float | None,
     ) -> R:
         reply = await self._call(
@@ -600,13 +627,11 @@ class StateClient:
         )
         try:
             return _expect(reply, kind)
-        except WritePending:
-            # The write will most likely never be applied (it was rejected): stop asking
-            # for it, or every later read of the entry would fail the same way.
-            for entry, after in sent_after:
-                if after is not None:
-                    self._last_writes.forget(entry, after)
-            raise
+        except WritePending as exc:
+            raise WritePending(
+                f"{exc.message}; the next read waits for it again. If the write was "
+                "rejected (see the dead-letter queue), forget_write() reads what is stored"
+            ) from None
 
     # ------------------------------------------------------------------- the wire
 
@@ -677,9 +702,10 @@ class StateClient:
             ),
             timestamp=datetime.now(UTC),
             expiration=None if expires_at is None else _expiration(expires_at - loop.time()),
+            headers=None if expires_at is None else {DEADLINE_HEADER: _deadline_ms(expires_at)},
             message_id=None if write_id is None else str(write_id),
             user_id=self._user_id,
-            reply_to=DIRECT_REPLY_TO if reply else None,
+            reply_to=self._reply_to if reply else None,
             correlation_id=correlation_id if reply else None,
         )
         try:
@@ -758,6 +784,12 @@ def _require_finite(values: list[Any]) -> None:
 
 def _expiration(remaining: float) -> float:
     return max(remaining - min(_REPLY_MARGIN, remaining / 10), 0.001)
+
+
+def _deadline_ms(expires_at: float) -> int:
+    """The Unix time in ms at which a read expires, from its loop-time deadline."""
+    remaining = _expiration(expires_at - asyncio.get_running_loop().time())
+    return int((time.time() + remaining) * 1000)
 
 
 def _expect(reply: Reply | None, kind: type[R]) -> R:

@@ -80,6 +80,7 @@ class CommandConsumer:
             channel,
             Names(settings.prefix).commands_queue,
             self._on_delivery,
+            prefetch=settings.effective_prefetch,
             max_held_bytes=settings.held_max_bytes,
             retry_initial=settings.retry_initial_seconds,
             retry_max=settings.retry_max_seconds,
@@ -248,6 +249,7 @@ class CommandConsumer:
             started = time.perf_counter()
             bounds = self.settings.transaction_max_ops, self.settings.transaction_max_bytes
             for group in transactions(writes, *bounds):
+                self.metrics.transaction_ops.observe(sum(len(writes[i].entries) for i in group))
                 outcomes = await self._apply_group([writes[i] for i in group])
                 for index, outcome in zip(group, outcomes, strict=True):
                     results[positions[index]] = outcome
@@ -351,9 +353,13 @@ class CommandConsumer:
         batch = [item.message for item in received]
         if failed:
             # Given back, not acked: a redelivered write is a harmless duplicate, and a
-            # redelivered reject is rejected (and dead-lettered) again.
+            # redelivered reject is rejected (and dead-lettered) again, once the broker takes
+            # dead letters again (a pause first, so the queue does not spin through them).
             log.warning("settle_failed_requeueing", failed=len(failed), size=len(batch))
             await nack_all(batch[i] for i in sorted(failed))
+            self.subscription.back_off()
+        else:
+            self.subscription.went_well()
         await ack_all(m for i, m in enumerate(batch) if i not in failed)
         self.subscription.settled(batch)
         self.acked += len(batch) - len(failed)

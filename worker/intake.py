@@ -46,12 +46,12 @@ from schemas.errors import (
     UnknownPlugin,
 )
 from schemas.messages import GetManyRequest, GetRequest, ListRequest, ReadRequest, WriteCommand
+from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 from worker.auth import Authorizer, Caller, Route, routed_plugin
 from worker.broker import Delivery
 from worker.cursor import decode_cursor
 from worker.frames import UNREADABLE_HEADER
 from worker.model import EntryKey, Write
-from worker.topology import Names
 from worker.validate import Rules, check_after, check_entry, validate_write
 
 log = structlog.get_logger(__name__)
@@ -59,12 +59,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 R = TypeVar("R", bound="_Received")
 
-DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 MAX_WAIT_SECONDS: Final = 5.0
 """Longest a read waits for its ``after`` write (protocol §3)."""
-DEADLINE_HEADER: Final = "x-deadline"
-"""An optional header: the Unix time in milliseconds after which the caller no longer
-waits. Bounds a read's wait from the caller's side, however long it queued."""
 
 
 def classified(step: Callable[[], T], what: str, message: Delivery) -> T | StateError:
@@ -73,7 +69,7 @@ def classified(step: Callable[[], T], what: str, message: Delivery) -> T | State
         return step()
     except StateError as exc:
         return exc
-    except Exception as exc:
+    except Exception as exc:  # the one place a message's unforeseen failure is classified
         log.exception(
             "message_handling_failed",
             step=what,
@@ -112,6 +108,8 @@ class _Received:
     """The plugin the routing key names."""
     reply_to: str | None = None
     error: StateError | None = None
+    unreadable: bool = False
+    """Its AMQP properties could not be decoded: nobody can tell who sent it."""
 
     @property
     def named_reply(self) -> bool:
@@ -135,6 +133,7 @@ class _Intake:
     def _properties(self, message: Delivery, received: _Received) -> None:
         headers = message.properties.headers or {}
         if UNREADABLE_HEADER in headers:
+            received.unreadable = True
             received.error = InvalidMessage(
                 f"its AMQP properties cannot be read ({headers[UNREADABLE_HEADER]!s})"
             )
@@ -168,6 +167,9 @@ class _Intake:
         body could not be read). A refusal outranks every other error but ``forbidden``'s
         own twin, ``unknown_plugin``, which a trusted caller of a broken message does not
         need to hear."""
+        if received.unreadable:
+            # No user_id to judge by: refused for what it is, and never replayed as anyone's.
+            return received.error
         plugin = plugin_id or received.routed
         if plugin is None:
             return Forbidden(

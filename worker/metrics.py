@@ -30,6 +30,12 @@ class Metrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
             registry=self.registry,
         )
+        self.transaction_ops = Histogram(
+            "plugin_state_transaction_ops",
+            "Entry writes per Postgres transaction (bounded by PLUGIN_STATE_TRANSACTION_MAX_OPS)",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=self.registry,
+        )
         self.apply_seconds = Histogram(
             "plugin_state_apply_seconds",
             "Time to apply one batch in Postgres",

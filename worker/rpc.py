@@ -88,6 +88,7 @@ class RpcServer:
             channel,
             Names(settings.prefix).rpc_queue,
             self._on_delivery,
+            prefetch=settings.rpc_prefetch,
             max_held_bytes=settings.held_max_bytes,
             retry_initial=settings.retry_initial_seconds,
             retry_max=settings.retry_max_seconds,
@@ -388,6 +389,10 @@ class RpcServer:
         failed, self._to_nack = self._to_nack, []
         settled, self._to_ack = self._to_ack, []
         await nack_all(failed)
+        if failed:
+            self.subscription.back_off()
+        elif settled:
+            self.subscription.went_well()
         if not self._held:
             await ack_all(settled)
         else:

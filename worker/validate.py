@@ -130,12 +130,14 @@ def check_entry(scope_kind: str, scope_id: str | None, namespace: str, key: str)
 
 
 def encode_value(value: msgspec.Raw, rules: Rules, *, msgpack: bool = False) -> tuple[str, int]:
-    """The written value as JSON text for ``jsonb`` and its size, or the error that keeps it
-    out.
+    """The written value as JSON text for ``jsonb`` and the most bytes a read of it can
+    return, or the error that keeps it out.
 
-    The size is of the JSON text with every number written out as jsonb stores it: a
-    ``numeric`` has no exponent, so ``1e999`` is stored (and read back) as 1000 digits. That
-    size is what the value limit holds, so a small write cannot turn into a huge read.
+    The value limit holds the JSON text with every number written out as jsonb stores it: a
+    ``numeric`` has no exponent, so ``1e999`` is stored (and read back) as 1000 digits, and
+    a small write cannot turn into a huge read. jsonb also writes a space after each colon
+    and comma: the second number returned allows for those (counting every colon and comma,
+    inside strings too, so it is a bound), which reply budgets use before loading a value.
 
     A JSON value is kept exactly as sent, only checked: it is walked (decoded) only when
     something in it needs a closer look: a ``\\u0000`` escape (jsonb cannot store U+0000),
@@ -163,7 +165,7 @@ def encode_value(value: msgspec.Raw, rules: Rules, *, msgpack: bool = False) -> 
             f"value is {size} bytes of JSON{written_out}; the limit is {rules.value_max_bytes}"
         )
     try:
-        return encoded.decode(), size
+        return encoded.decode(), size + encoded.count(b":") + encoded.count(b",")
     except UnicodeDecodeError:
         raise InvalidMessage("value holds a string that is not valid UTF-8") from None
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Least privilege for one plugin's RabbitMQ user: it may publish to the state exchange,
-# only with the routing keys cmd.<its plugin id> and rpc.<its plugin id>, and consume its
-# RPC replies through direct reply-to. It can configure nothing and read no queue.
+# Least privilege for one plugin's RabbitMQ user: it may publish to the state exchange only
+# with the routing keys cmd.<its plugin id> and rpc.<its plugin id>; it may have queues of its
+# own, named <prefix>.reply.<its plugin id>.<name> (replies, a change feed), and bind one to
+# the changes exchange only with chg.<its plugin id>. Direct reply-to needs no permission.
 #
 #   grant-plugin-user.sh USER PLUGIN_ID [PREFIX] [VHOST]
 #
@@ -13,9 +14,13 @@ plugin=${2:?usage: grant-plugin-user.sh USER PLUGIN_ID [PREFIX] [VHOST]}
 prefix=${3:-plugin_state}
 vhost=${4:-/}
 # Dots in the prefix are literal in the patterns.
-exchange="^${prefix//./\\.}\$"
+p="${prefix//./\\.}"
 plugin_re="${plugin//./\\.}"
+own="^${p}\\.reply\\.${plugin_re}\\..+\$"
 
-rabbitmqctl -q set_permissions -p "$vhost" "$user" '^$' "$exchange" '^$'
+rabbitmqctl -q set_permissions -p "$vhost" "$user" \
+    "$own" "^${p}\$|${own}" "${own}|^${p}\\.changes\$"
 rabbitmqctl -q set_topic_permissions -p "$vhost" "$user" "$prefix" \
     "^(cmd|rpc)\\.${plugin_re}\$" '^$'
+rabbitmqctl -q set_topic_permissions -p "$vhost" "$user" "${prefix}.changes" \
+    '^$' "^chg\\.${plugin_re}\$"

@@ -184,78 +184,68 @@ ORDER BY n;
 -- name: list_first_page
 -- A plugin's entries in (scope_kind, scope_id, namespace, key) byte order, between the
 -- bounds $2..$5 (inclusive) and $6..$9 (exclusive) that the filters make, which the list
--- index serves as one range; $10..$13 are the filters themselves (null: none), for filters
--- the range cannot express. At most $14 rows (the page size plus one: the extra row tells
--- whether another page follows). A row's value is sent only while the page's running size
--- (each value at half again its stored size, jsonb's rendering being at most that much
--- longer, plus its names and $16 bytes of framing) stays within $15 bytes; `within` says
--- which rows fit, the first always does.
+-- index serves as one range (the rows come in its order: no sort, and the scan stops at the
+-- limit); $10..$13 are the filters themselves (null: none), for filters the range cannot
+-- express. At most $14 rows (the page size plus one: the extra row tells whether another
+-- page follows). A row's value is sent only while the page's running size (each value's
+-- bound on its rendering, value_bytes, plus its names and $16 bytes of framing) stays
+-- within $15 bytes; `within` says which rows fit, the first always does.
 SELECT scope_kind, scope_id, namespace, state_key, version, updated_at,
-       CASE WHEN within THEN value_json END AS value_json, within
-FROM (
-    SELECT page.*,
-           row_number() OVER w = 1 OR sum(
-               page.value_bytes * 3 / 2 + octet_length(page.state_key)
-               + octet_length(page.namespace) + octet_length(coalesce(page.scope_id, ''))
-               + $16::int
-           ) OVER w <= $15::bigint AS within
-    FROM (
-        SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at,
-               coalesce(value_bytes, octet_length(value_json::text)) AS value_bytes
-        FROM plugin_state
-        WHERE plugin_id = $1
-          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-               namespace COLLATE "C", state_key COLLATE "C") >= ($2, $3, $4, $5)
-          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-               namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
-          AND ($10::text IS NULL OR scope_kind = $10)
-          AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
-          AND ($12::text IS NULL OR namespace = $12)
-          AND starts_with(state_key, $13)
-        ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-                 namespace COLLATE "C", state_key COLLATE "C"
-        LIMIT $14
-    ) page
-    WINDOW w AS (ORDER BY page.scope_kind COLLATE "C", coalesce(page.scope_id, '') COLLATE "C",
-                 page.namespace COLLATE "C", page.state_key COLLATE "C")
-) sized
+       CASE WHEN row_number() OVER w = 1 OR sum(
+                coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
+                + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
+            ) OVER w <= $15::bigint
+            THEN value_json END AS value_json,
+       row_number() OVER w = 1 OR sum(
+           coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
+           + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
+       ) OVER w <= $15::bigint AS within
+FROM plugin_state
+WHERE plugin_id = $1
+  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+       namespace COLLATE "C", state_key COLLATE "C") >= ($2, $3, $4, $5)
+  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+       namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
+  AND ($10::text IS NULL OR scope_kind = $10)
+  AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
+  AND ($12::text IS NULL OR namespace = $12)
+  AND starts_with(state_key, $13)
+WINDOW w AS (ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+                      namespace COLLATE "C", state_key COLLATE "C"
+             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
 ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-         namespace COLLATE "C", state_key COLLATE "C";
+         namespace COLLATE "C", state_key COLLATE "C"
+LIMIT $14;
 
 -- name: list_next_page
 -- As list_first_page, after the cursor $2..$5 (the last entry of the previous page):
 -- keyset paging, so entries added or removed between pages never shift the others.
 SELECT scope_kind, scope_id, namespace, state_key, version, updated_at,
-       CASE WHEN within THEN value_json END AS value_json, within
-FROM (
-    SELECT page.*,
-           row_number() OVER w = 1 OR sum(
-               page.value_bytes * 3 / 2 + octet_length(page.state_key)
-               + octet_length(page.namespace) + octet_length(coalesce(page.scope_id, ''))
-               + $16::int
-           ) OVER w <= $15::bigint AS within
-    FROM (
-        SELECT scope_kind, scope_id, namespace, state_key, value_json, version, updated_at,
-               coalesce(value_bytes, octet_length(value_json::text)) AS value_bytes
-        FROM plugin_state
-        WHERE plugin_id = $1
-          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-               namespace COLLATE "C", state_key COLLATE "C") > ($2, $3, $4, $5)
-          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-               namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
-          AND ($10::text IS NULL OR scope_kind = $10)
-          AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
-          AND ($12::text IS NULL OR namespace = $12)
-          AND starts_with(state_key, $13)
-        ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-                 namespace COLLATE "C", state_key COLLATE "C"
-        LIMIT $14
-    ) page
-    WINDOW w AS (ORDER BY page.scope_kind COLLATE "C", coalesce(page.scope_id, '') COLLATE "C",
-                 page.namespace COLLATE "C", page.state_key COLLATE "C")
-) sized
+       CASE WHEN row_number() OVER w = 1 OR sum(
+                coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
+                + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
+            ) OVER w <= $15::bigint
+            THEN value_json END AS value_json,
+       row_number() OVER w = 1 OR sum(
+           coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
+           + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
+       ) OVER w <= $15::bigint AS within
+FROM plugin_state
+WHERE plugin_id = $1
+  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+       namespace COLLATE "C", state_key COLLATE "C") > ($2, $3, $4, $5)
+  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+       namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
+  AND ($10::text IS NULL OR scope_kind = $10)
+  AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
+  AND ($12::text IS NULL OR namespace = $12)
+  AND starts_with(state_key, $13)
+WINDOW w AS (ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+                      namespace COLLATE "C", state_key COLLATE "C"
+             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
 ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-         namespace COLLATE "C", state_key COLLATE "C";
+         namespace COLLATE "C", state_key COLLATE "C"
+LIMIT $14;
 
 -- name: old_tombstone_plugins
 -- Plugins with tombstones older than the cut-off ($1: seconds of retention and skew), for

@@ -33,7 +33,7 @@ from worker.client import (
 from worker.config import Settings
 from worker.topology import declare
 
-from .broker import close_connections, require_rabbitmqctl
+from .broker import close_connections, rabbitmqctl, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import state_of, uuid7, wait_until
 
@@ -387,3 +387,16 @@ async def test_after_write_pending_the_next_read_still_waits_for_the_write(
     client.forget_write(ISSUE, "big")
     entry = await client.get(ISSUE, "big")
     assert entry is not None and entry.value == "old"
+
+
+async def test_a_client_with_a_reply_queue_of_its_own_gets_its_answers_there(
+    start_worker: StartWorker, connect: ClientFactory, settings: Settings, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    async with connect(reply_queue="inbox") as state:
+        await state.set(ISSUE, "k", {"own": True}, wait=True)
+        entry = await state.get(ISSUE, "k")
+        assert entry is not None and entry.value == {"own": True}
+        own = f"{settings.prefix}.reply.{plugin_id}.inbox"
+        listing = await rabbitmqctl("list_queues", "--no-table-headers", "name")
+        assert own in listing.split()

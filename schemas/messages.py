@@ -77,6 +77,24 @@ WrittenValue = Annotated[msgspec.Raw, Meta(description="any JSON value, null inc
 Timestamp = Annotated[
     str, Meta(description="RFC 3339 date-time", extra_json_schema={"format": "date-time"})
 ]
+IfVersion = Annotated[
+    uuid.UUID,
+    Meta(
+        description="apply only if the entry has a value written by exactly this write "
+        "(its version); older than the write's own id (protocol §7)"
+    ),
+]
+IfAbsent = Annotated[
+    bool, Meta(description="true: apply only if the entry has no value now (protocol §7)")
+]
+TtlMs = Annotated[
+    int,
+    Meta(
+        ge=1,
+        description="the entry expires this many milliseconds after the write's UUIDv7 time; "
+        "at most the tombstone retention (protocol §7)",
+    ),
+]
 
 
 class _Wire(Struct, kw_only=True, omit_defaults=False, forbid_unknown_fields=False):
@@ -96,6 +114,9 @@ class SetCommand(_Wire, tag="set", tag_field="op", kw_only=True):
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
     value: WrittenValue
+    if_version: IfVersion | None = None
+    if_absent: IfAbsent = False
+    ttl_ms: TtlMs | None = None
 
 
 class DeleteCommand(_Wire, tag="delete", tag_field="op", kw_only=True):
@@ -107,6 +128,7 @@ class DeleteCommand(_Wire, tag="delete", tag_field="op", kw_only=True):
     scope_id: Name | None = None
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
+    if_version: IfVersion | None = None
 
 
 class BatchSet(_Wire, tag="set", tag_field="op", kw_only=True):
@@ -117,6 +139,9 @@ class BatchSet(_Wire, tag="set", tag_field="op", kw_only=True):
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
     value: WrittenValue
+    if_version: IfVersion | None = None
+    if_absent: IfAbsent = False
+    ttl_ms: TtlMs | None = None
 
 
 class BatchDelete(_Wire, tag="delete", tag_field="op", kw_only=True):
@@ -126,6 +151,7 @@ class BatchDelete(_Wire, tag="delete", tag_field="op", kw_only=True):
     scope_id: Name | None = None
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
+    if_version: IfVersion | None = None
 
 
 class BatchCommand(_Wire, tag="batch", tag_field="op", kw_only=True):
@@ -199,6 +225,8 @@ class ValueReply(_Reply, tag="value", kw_only=True):
     value: JsonValue | UnsetType = UNSET
     version: uuid.UUID | UnsetType = UNSET
     updated_at: Timestamp | UnsetType = UNSET
+    expires_at: Timestamp | UnsetType = UNSET
+    """Only for an entry with a time to live (protocol §7)."""
 
 
 class ValuesReply(_Reply, tag="values", kw_only=True):
@@ -207,7 +235,7 @@ class ValuesReply(_Reply, tag="values", kw_only=True):
     items: list[ValueReply]
 
 
-class PageItem(Struct, kw_only=True):
+class PageItem(Struct, kw_only=True, omit_defaults=True):
     """One entry of a ``list`` page."""
 
     scope_kind: ScopeKind
@@ -217,6 +245,8 @@ class PageItem(Struct, kw_only=True):
     value: JsonValue
     version: uuid.UUID
     updated_at: Timestamp
+    expires_at: Timestamp | UnsetType = UNSET
+    """Only for an entry with a time to live (protocol §7)."""
 
 
 class PageReply(_Reply, tag="page", kw_only=True):
@@ -228,10 +258,13 @@ class PageReply(_Reply, tag="page", kw_only=True):
 
 
 class AppliedReply(_Reply, tag="applied", kw_only=True):
-    """Sent after commit to a write that carried ``reply_to``."""
+    """Sent after commit to a write that carried ``reply_to``: ``superseded`` when a newer
+    version was there (or an unconditional write was a duplicate), ``conflict`` when a
+    condition of protocol §7 did not hold (``failed_op``: the first failing op of a batch)."""
 
     id: uuid.UUID
-    outcome: Literal["applied", "superseded"]
+    outcome: Literal["applied", "superseded", "conflict"]
+    failed_op: int | UnsetType = UNSET
 
 
 class ErrorReply(_Reply, tag="error", kw_only=True):

@@ -153,7 +153,7 @@ async def test_hostile_properties_never_close_the_workers_connection(
         # No reply_to: it cannot be answered, whatever else is wrong.
         assert [h["x-reject-code"] for h in letters] in (["invalid_request"], ["invalid_message"])
     elif code is None:
-        assert await applied(db, plugin_id, "k")
+        await wait_until(lambda: applied(db, plugin_id, "k"), what="the write to be applied")
         assert letters == []
     else:
         assert [h["x-reject-code"] for h in letters] == [code]

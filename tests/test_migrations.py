@@ -264,6 +264,7 @@ async def test_plugin_state_table_has_exactly_the_reference_columns_plus_ours(
         "updated_at": ("timestamp with time zone", False),
         "version": ("uuid", False),
         "value_bytes": ("integer", True),
+        "expires_at": ("timestamp with time zone", True),
     }
     namespace_default = await migrated.fetchval(
         "SELECT column_default FROM information_schema.columns "

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, TypeVar
 
 import aio_pika
@@ -34,6 +34,7 @@ from worker.quota import Quota
 from worker.retention import run_retention
 from worker.rpc import RpcServer
 from worker.store import DATABASE_FAILURES, Store, create_pool
+from worker.sweeper import run_sweeper
 from worker.topology import Names, declare
 from worker.validate import Rules
 from worker.wakeups import CommitNotices, Wakeups
@@ -114,7 +115,6 @@ class Worker:
         plugins = PluginDirectory(self.store, settings.plugin_cache_seconds)
         authorizer = Authorizer.from_settings(settings)
         rules = Rules.from_settings(settings)
-        notices = self.notices
         self.consumer = CommandConsumer(
             settings=settings,
             channel=commands_channel,
@@ -124,7 +124,7 @@ class Worker:
             publisher=publisher,
             metrics=self.metrics,
             clock=self.clock,
-            on_commit=lambda changed: notices.committed({key.plugin_id for key in changed}),
+            on_commit=lambda changed: self._committed(key.plugin_id for key in changed),
         )
         self.rpc = RpcServer(
             settings=settings,
@@ -152,6 +152,10 @@ class Worker:
             serving = group.create_task(self.rpc.run(), name="rpc")
             background = [
                 group.create_task(run_retention(self.store, settings), name="retention"),
+                group.create_task(
+                    run_sweeper(self.store, settings, self.metrics, self._committed),
+                    name="expiry-sweeper",
+                ),
                 group.create_task(self._watch_database(), name="database-watch"),
             ]
             await self.stopping.wait()
@@ -160,6 +164,11 @@ class Worker:
             await asyncio.gather(consuming, serving)
             for task in background:
                 task.cancel()
+
+    def _committed(self, plugins: Iterable[uuid.UUID]) -> None:
+        """Plugins' state changed here: tell the waiters of this worker and of the others."""
+        if self.notices is not None:
+            self.notices.committed(plugins)
 
     def request_stop(self) -> None:
         self.stopping.set()

@@ -15,6 +15,7 @@ connection) propagate to the caller, who pauses and retries.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -54,13 +55,17 @@ TIMED_OUT: Final = TimedOut()
 
 @dataclass(slots=True)
 class Applied:
-    """The outcome of each write, and the entries that changed."""
+    """The outcome of each write, the entries that changed, and where each transaction
+    stands in its plugins' order of writes (their heads once it was decided)."""
 
     results: list[Result | TimedOut]
     changed: list[EntryKey] = field(default_factory=list)
+    heads: list[dict[uuid.UUID, int]] = field(default_factory=list)
 
     def __add__(self, other: Applied) -> Applied:
-        return Applied(self.results + other.results, self.changed + other.changed)
+        return Applied(
+            self.results + other.results, self.changed + other.changed, self.heads + other.heads
+        )
 
 
 def transactions(writes: Sequence[Write], max_ops: int, max_bytes: int) -> list[list[int]]:
@@ -132,13 +137,14 @@ class Applier:
     async def _attempt(self, writes: Sequence[Write]) -> Applied:
         keys = list(dict.fromkeys(e.entry for w in writes for e in w.entries))
         async with self.store.write_transaction() as tx:
-            usage, now_ms = await tx.lock_plugins(w.plugin_id for w in writes)
-            states = await tx.read_entries(keys) if usage else {}
-            cutoff_ms = (now_ms or 0) - self.retention_ms
-            decision = decide(writes, states, usage, self.quota, cutoff_ms, self.retention_ms)
-            await tx.write_entries(decision.stores, decision.usage)
+            locked = await tx.lock_plugins(w.plugin_id for w in writes)
+            states = await tx.read_entries(keys) if locked.usage else {}
+            decision = decide(
+                writes, states, locked.usage, self.quota, locked.now_ms, self.retention_ms
+            )
+            heads = await tx.write_entries(decision.stores, decision.usage, locked)
         results: list[Result | TimedOut] = list(decision.results)
-        return Applied(results, [s.entry for s in decision.stores])
+        return Applied(results, [s.entry for s in decision.stores], [heads])
 
 
 __all__ = ["TIMED_OUT", "Applied", "Applier", "Result", "TimedOut", "transactions"]

@@ -51,13 +51,14 @@ import asyncio
 import builtins  # ``StateClient.list`` hides ``list`` in the class's annotations
 import math
 import os
+import random
 import socket
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, TypeVar, cast
 
@@ -114,6 +115,9 @@ _RECONNECT_INTERVAL: Final = 1.0
 _REPLY_MARGIN: Final = 0.5
 _RETRY_INITIAL: Final = 0.05
 _RETRY_MAX: Final = 1.0
+# update()'s pauses between a conflict and the next try (full jitter up to these).
+_UPDATE_PAUSE: Final = 0.01
+_UPDATE_PAUSE_MAX: Final = 0.5
 
 R = TypeVar("R", bound=Struct)
 
@@ -139,6 +143,17 @@ class PublishRefused(ClientError):
 
 class Unroutable(ClientError):
     """The broker could not route the message: no such exchange, or no queue bound."""
+
+
+class Conflict(ClientError):
+    """A conditional write's condition did not hold (protocol §7): nothing changed.
+    ``failed_op`` is the index of the first failing op of a batch."""
+
+    def __init__(self, write_id: uuid.UUID, failed_op: int | None = None) -> None:
+        where = "" if failed_op is None else f" (op {failed_op} failed)"
+        super().__init__(f"the condition of write {write_id} did not hold{where}")
+        self.write_id = write_id
+        self.failed_op = failed_op
 
 
 class UnexpectedReply(ClientError):
@@ -209,7 +224,9 @@ class Scope:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A stored entry. ``value`` is ``None`` for a stored JSON ``null``."""
+    """A stored entry. ``value`` is ``None`` for a stored JSON ``null``; ``version`` is the
+    id of the write that stored it (what ``if_version`` names); ``expires_at`` is set for an
+    entry with a time to live."""
 
     scope: Scope
     namespace: str
@@ -217,6 +234,7 @@ class Entry:
     value: Any
     version: uuid.UUID
     updated_at: datetime
+    expires_at: datetime | None = None
 
 
 BatchOp: TypeAlias = BatchSet | BatchDelete
@@ -225,16 +243,58 @@ EntryName: TypeAlias = tuple[Scope, str] | tuple[Scope, str, str]
 _EntryKey: TypeAlias = tuple[str, str | None, str, str]
 
 
-def op_set(scope: Scope, key: str, value: Any, *, namespace: str = DEFAULT_NAMESPACE) -> BatchSet:
-    """A ``set`` for ``StateClient.batch``."""
+Ttl: TypeAlias = timedelta | float
+"""A time to live: a ``timedelta``, or seconds."""
+
+
+def ttl_ms(ttl: Ttl | None) -> int | None:
+    """A time to live in whole milliseconds (at least one), as the wire carries it."""
+    if ttl is None:
+        return None
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"a time to live must be positive, not {ttl!r}")
+    return max(1, round(seconds * 1000))
+
+
+def op_set(
+    scope: Scope,
+    key: str,
+    value: Any,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    if_version: uuid.UUID | None = None,
+    if_absent: bool = False,
+    ttl: Ttl | None = None,
+) -> BatchSet:
+    """A ``set`` for ``StateClient.batch``, conditional or expiring as ``StateClient.set``."""
     return BatchSet(
-        scope_kind=scope.kind, scope_id=scope.id, namespace=namespace, key=key, value=value
+        scope_kind=scope.kind,
+        scope_id=scope.id,
+        namespace=namespace,
+        key=key,
+        value=value,
+        if_version=if_version,
+        if_absent=if_absent,
+        ttl_ms=ttl_ms(ttl),
     )
 
 
-def op_delete(scope: Scope, key: str, *, namespace: str = DEFAULT_NAMESPACE) -> BatchDelete:
-    """A ``delete`` for ``StateClient.batch``."""
-    return BatchDelete(scope_kind=scope.kind, scope_id=scope.id, namespace=namespace, key=key)
+def op_delete(
+    scope: Scope,
+    key: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    if_version: uuid.UUID | None = None,
+) -> BatchDelete:
+    """A ``delete`` for ``StateClient.batch``, conditional as ``StateClient.delete``."""
+    return BatchDelete(
+        scope_kind=scope.kind,
+        scope_id=scope.id,
+        namespace=namespace,
+        key=key,
+        if_version=if_version,
+    )
 
 
 def _entry_key(scope: Scope, namespace: str, key: str) -> _EntryKey:
@@ -266,7 +326,12 @@ def next_uuid7(previous: int) -> int:
 
 class MonotonicUuid7:
     """UUIDv7s that strictly increase, even many within one millisecond or when the clock
-    steps back: the contract orders one writer's writes to an entry by their ids."""
+    steps back: the contract orders one writer's writes to an entry by their ids.
+
+    A hybrid logical clock: every version the client has read or written is ``observe``d,
+    and a new id is ``max(now, the greatest seen + 1)``, so a conditional write made after
+    a read always has a newer id than the version it names (``if_version`` must be older),
+    even when this machine's clock is behind the writer's."""
 
     def __init__(self, source: Callable[[], int] = lambda: uuid_utils.uuid7().int) -> None:
         self._source = source
@@ -278,6 +343,10 @@ class MonotonicUuid7:
             candidate = next_uuid7(self._last)
         self._last = candidate
         return uuid.UUID(int=candidate)
+
+    def observe(self, version: uuid.UUID) -> None:
+        """Never make an id older than ``version``."""
+        self._last = max(self._last, version.int)
 
 
 class LastWrites:
@@ -449,10 +518,19 @@ class StateClient:
         value: Any,
         *,
         namespace: str = DEFAULT_NAMESPACE,
-        wait: bool = False,
+        if_version: uuid.UUID | None = None,
+        if_absent: bool = False,
+        ttl: Ttl | None = None,
+        wait: bool | None = None,
         timeout: float | None = None,
     ) -> uuid.UUID:
-        """Store ``value`` (any JSON value, ``None`` included); returns the write's id."""
+        """Store ``value`` (any JSON value, ``None`` included); returns the write's id.
+
+        ``if_version``: only if the entry's value is still the one that write stored;
+        ``if_absent``: only if the entry has no value (a claim, a marker); either raises
+        ``Conflict`` when it does not hold. ``ttl``: the entry expires that long after the
+        write was made (a ``timedelta`` or seconds); a set without it makes the entry
+        permanent again. A conditional write waits for its outcome unless ``wait=False``."""
         command = SetCommand(
             id=self._new_id(),
             plugin_id=self.plugin_id,
@@ -461,6 +539,9 @@ class StateClient:
             namespace=namespace,
             key=key,
             value=value,
+            if_version=if_version,
+            if_absent=if_absent,
+            ttl_ms=ttl_ms(ttl),
         )
         return await self._write(
             command, [_entry_key(scope, namespace, key)], [value], wait, timeout
@@ -472,10 +553,13 @@ class StateClient:
         key: str,
         *,
         namespace: str = DEFAULT_NAMESPACE,
-        wait: bool = False,
+        if_version: uuid.UUID | None = None,
+        wait: bool | None = None,
         timeout: float | None = None,
     ) -> uuid.UUID:
-        """Remove the entry; returns the write's id."""
+        """Remove the entry; returns the write's id. With ``if_version``, only if its value
+        is still the one that write stored (``Conflict`` otherwise; it then waits for its
+        outcome unless ``wait=False``)."""
         command = DeleteCommand(
             id=self._new_id(),
             plugin_id=self.plugin_id,
@@ -483,13 +567,17 @@ class StateClient:
             scope_id=scope.id,
             namespace=namespace,
             key=key,
+            if_version=if_version,
         )
         return await self._write(command, [_entry_key(scope, namespace, key)], [], wait, timeout)
 
     async def batch(
-        self, ops: Iterable[BatchOp], *, wait: bool = False, timeout: float | None = None
+        self, ops: Iterable[BatchOp], *, wait: bool | None = None, timeout: float | None = None
     ) -> uuid.UUID:
-        """Apply ``op_set`` / ``op_delete`` ops all or nothing; returns the batch's id."""
+        """Apply ``op_set`` / ``op_delete`` ops all or nothing; returns the batch's id. A
+        batch with a conditional op applies only if every condition holds (``Conflict``
+        names the first failing op otherwise) and waits for its outcome unless
+        ``wait=False``."""
         ops = list(ops)
         if not ops:
             raise ValueError("a batch needs at least one op")
@@ -503,9 +591,12 @@ class StateClient:
         command: SetCommand | DeleteCommand | BatchCommand,
         entries: Iterable[_EntryKey],
         values: builtins.list[Any],
-        wait: bool,
+        wait: bool | None,
         timeout: float | None,
     ) -> uuid.UUID:
+        if wait is None:
+            ops = command.ops if isinstance(command, BatchCommand) else [command]
+            wait = any(op.if_version is not None or getattr(op, "if_absent", False) for op in ops)
         body = self._codec.encode(command)
         if self._codec.content_type == JSON and b"null" in body:
             # msgspec writes NaN and Infinity as null: refuse rather than store another value.
@@ -521,6 +612,9 @@ class StateClient:
             applied = _expect(reply, AppliedReply)
             if applied.id != command.id:
                 raise UnexpectedReply(f"reply applies {applied.id}, not {command.id}")
+            if applied.outcome == "conflict":
+                failed = None if isinstance(applied.failed_op, UnsetType) else applied.failed_op
+                raise Conflict(command.id, failed)
         for entry in entries:
             self._last_writes.record(entry, command.id)
         return command.id
@@ -547,7 +641,7 @@ class StateClient:
             after=after,
         )
         reply = await self._read(request, ValueReply, timeout)
-        return _entry(scope, namespace, key, reply)
+        return self._seen(_entry(scope, namespace, key, reply))
 
     async def get_many(
         self, names: Sequence[EntryName], *, timeout: float | None = None
@@ -571,9 +665,61 @@ class StateClient:
         if len(reply.items) != len(wanted):
             raise UnexpectedReply(f"{len(reply.items)} values for {len(wanted)} entries")
         return [
-            _entry(scope, ns, key, item)
+            self._seen(_entry(scope, ns, key, item))
             for (scope, key, ns), item in zip(wanted, reply.items, strict=True)
         ]
+
+    def _seen(self, entry: Entry | None) -> Entry | None:
+        """Every version read moves the id clock past it (``MonotonicUuid7.observe``)."""
+        if entry is not None:
+            self._new_id.observe(entry.version)
+        return entry
+
+    async def update(
+        self,
+        scope: Scope,
+        key: str,
+        change: Callable[[Entry | None], Any],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        ttl: Ttl | None = None,
+        attempts: int = 10,
+        timeout: float | None = None,
+    ) -> Any:
+        """Read the entry, compute its new value with ``change(entry or None)``, and write it
+        only if nobody wrote the entry in between (``if_version``, or ``if_absent`` for an
+        entry without a value); on ``Conflict``, read again and retry after a short, jittered,
+        growing pause, at most ``attempts`` times. Returns the value written.
+
+        The pattern for a counter, a list that grows, any read-modify-write:
+        ``await state.update(scope, "count", lambda e: (e.value if e else 0) + 1)``."""
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        pause = _UPDATE_PAUSE
+        tried = 0
+        while True:
+            tried += 1
+            entry = await self.get(scope, key, namespace=namespace, timeout=timeout)
+            value = change(entry)
+            try:
+                await self.set(
+                    scope,
+                    key,
+                    value,
+                    namespace=namespace,
+                    if_version=None if entry is None else entry.version,
+                    if_absent=entry is None,
+                    ttl=ttl,
+                    wait=True,
+                    timeout=timeout,
+                )
+            except Conflict:
+                if tried == attempts:
+                    raise
+                await asyncio.sleep(random.uniform(0, pause))
+                pause = min(pause * 2, _UPDATE_PAUSE_MAX)
+                continue
+            return value
 
     async def list(
         self,
@@ -601,6 +747,7 @@ class StateClient:
             )
             page = await self._read(request, PageReply, timeout)
             for item in page.items:
+                self._new_id.observe(item.version)
                 yield Entry(
                     scope=Scope(item.scope_kind, item.scope_id),
                     namespace=item.namespace,
@@ -608,6 +755,9 @@ class StateClient:
                     value=item.value,
                     version=item.version,
                     updated_at=_timestamp(item.updated_at),
+                    expires_at=None
+                    if isinstance(item.expires_at, UnsetType)
+                    else _timestamp(item.expires_at),
                 )
             if page.next_cursor is None:
                 return
@@ -816,6 +966,9 @@ def _entry(scope: Scope, namespace: str, key: str, reply: ValueReply) -> Entry |
         value=reply.value,
         version=reply.version,
         updated_at=_timestamp(reply.updated_at),
+        expires_at=None
+        if isinstance(reply.expires_at, UnsetType)
+        else _timestamp(reply.expires_at),
     )
 
 
@@ -830,6 +983,7 @@ __all__ = [
     "DIRECT_REPLY_TO",
     "BatchOp",
     "ClientError",
+    "Conflict",
     "Entry",
     "EntryName",
     "LastWrites",
@@ -839,6 +993,7 @@ __all__ = [
     "RequestTimeout",
     "Scope",
     "StateClient",
+    "Ttl",
     "UnexpectedReply",
     "Unroutable",
     "next_uuid7",

@@ -88,6 +88,9 @@ class Settings:
     """How far in the future of the worker's clock a write's UUIDv7 time may lie."""
     retention_interval_seconds: int = 600
     """How often one worker removes tombstones past the retention."""
+    expiry_interval_seconds: float = 1.0
+    """How often one worker removes expired entries' rows (an expired entry reads as missing
+    at once; its row becomes a tombstone within about this long)."""
     delivery_limit: int = 50
     """Deliveries of one command before RabbitMQ dead-letters it (crash-loop guard)."""
     commands_max_length: int = 1_000_000
@@ -168,6 +171,8 @@ class Settings:
             raise ConfigError(f"{_env_name('http_port')} must be a port number")
         if self.auth_mode not in ("strict", "permissive"):
             raise ConfigError(f"{_env_name('auth_mode')} must be strict or permissive")
+        if self.expiry_interval_seconds <= 0:
+            raise ConfigError(f"{_env_name('expiry_interval_seconds')} must be positive")
         if self.plugin_cache_seconds < 0:
             raise ConfigError(f"{_env_name('plugin_cache_seconds')} cannot be negative")
         if self.max_reply_bytes < 2 * self.value_max_bytes + 64 * 1024:

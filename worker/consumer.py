@@ -27,6 +27,7 @@ from typing import Final, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractRobustChannel
+from msgspec import UNSET
 
 from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
@@ -36,7 +37,7 @@ from worker.config import Settings
 from worker.decisions import Result
 from worker.intake import ReceivedWrite, WriteIntake
 from worker.metrics import Metrics
-from worker.model import EntryKey, Write
+from worker.model import Conflict, EntryKey, Write
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
@@ -328,7 +329,7 @@ class CommandConsumer:
                 sends.append(self.publisher.dead_letter(message, result))
                 owners.append(index)
             else:
-                outcomes[result] += 1
+                outcomes["conflict" if isinstance(result, Conflict) else result] += 1
                 if result == "applied" and item.command is not None:
                     oldest_applied = min(item.command.id, oldest_applied or item.command.id)
             reply_to = item.answer_to(result)
@@ -369,6 +370,9 @@ class CommandConsumer:
         if isinstance(result, StateError) or item.command is None:
             error = result if isinstance(result, StateError) else Internal("no write id")
             reply = ErrorReply(code=error.code, message=error.message)
+        elif isinstance(result, Conflict):
+            failed_op = UNSET if result.failed_op is None else result.failed_op
+            reply = AppliedReply(id=item.command.id, outcome="conflict", failed_op=failed_op)
         else:
             reply = AppliedReply(id=item.command.id, outcome=result)
         await self.publisher.reply(reply_to, item.message.correlation_id, reply, item.codec)

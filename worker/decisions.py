@@ -1,15 +1,16 @@
 """What one write transaction does, decided in Python against the entries' locked state.
 
 Pure: the writes of the transaction in delivery order, what the version register holds for
-every entry they touch, each plugin's usage, the quota and the staleness cut-off in; an
-outcome per write, the entry writes to store and each plugin's change of usage out.
+every entry they touch, each plugin's usage, the quota, the database's clock and the
+staleness cut-off in; an outcome per write, the entry writes to store and each plugin's
+change of usage out.
 
 Why deciding in Python is exact: the transaction first locks the ``plugin_counters`` row of
 every plugin it writes (in plugin order, so transactions cannot deadlock), and every writer of
 a plugin's entries (the applier, the expiry sweeper, the retention, plugin removal) takes that
 lock first. So once the locks are held nobody else changes those entries until commit: the
 state read after locking is the state the writes meet, and the outcome computed here is the
-outcome Postgres would reach one write at a time. Writes are taken in delivery order; each is
+outcome of applying the writes one at a time. Writes are taken in delivery order; each is
 judged against the state the earlier ones left:
 
 - last writer wins: an entry write takes effect when its version (the write's UUIDv7) is
@@ -18,6 +19,12 @@ judged against the state the earlier ones left:
 - a write older than the tombstone retention by the database's clock is ``stale`` (judged
   here, at apply time, so that a batch retried through a long outage cannot bring back an
   entry whose tombstone the retention removed meanwhile);
+- a conditional write (protocol §7) that is already an entry's version is a redelivery,
+  answered ``applied`` again; one overtaken by newer writes on all its entries is
+  ``superseded``; otherwise its conditions, all judged against the state before it, decide:
+  ``if_absent`` holds when the entry has no value (never written, deleted, or expired by the
+  database's clock), ``if_version`` when it has a value written by exactly that write; one
+  failing condition makes the whole write a ``Conflict`` that changes nothing;
 - a write that would take its plugin over a quota is ``quota_exceeded`` and changes nothing.
 
 A write is ``applied`` when it made the final state of at least one entry, else
@@ -31,10 +38,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from schemas.errors import Stale, StateError, UnknownPlugin
-from worker.model import EntryKey, EntryState, EntryWrite, Outcome, Usage, Write
+from worker.model import Conflict, EntryKey, EntryState, EntryWrite, Outcome, Usage, Write
 from worker.quota import Quota
 
-Result = Outcome | StateError
+Result = Outcome | Conflict | StateError
 
 
 @dataclass(slots=True)
@@ -44,18 +51,43 @@ class Decision:
     results: list[Result]
     stores: list[EntryWrite]
     """The entry writes that won, one per entry, in key order."""
-    before: dict[EntryKey, EntryState | None]
-    """What each stored entry held before the transaction."""
     usage: dict[uuid.UUID, Usage] = field(default_factory=dict)
     """Each plugin's change of usage."""
 
 
 def state_after(write: EntryWrite) -> EntryState:
-    return EntryState(write.version, write.is_delete, 0 if write.is_delete else write.value_bytes)
+    if write.is_delete:
+        return EntryState(write.version, True)
+    return EntryState(write.version, False, write.value_bytes, write.expires_at_ms)
 
 
 def _wins(write: EntryWrite, current: EntryState | None) -> bool:
     return current is None or write.version > current.version
+
+
+def _holds(write: EntryWrite, current: EntryState | None, now_ms: int) -> bool:
+    has_value = current is not None and current.has_value(now_ms)
+    if write.if_absent:
+        return not has_value
+    if write.if_version is not None:
+        return has_value and current is not None and current.version == write.if_version
+    return True
+
+
+def _conditional(
+    write: Write, current: Mapping[EntryKey, EntryState | None], now_ms: int
+) -> Result | None:
+    """The outcome of a conditional write decided before it changes anything, or None when
+    its conditions hold and it is applied as any write."""
+    before = [current.get(e.entry) for e in write.entries]
+    if any(s is not None and s.version == write.id for s in before):
+        return "applied"  # a redelivery: it is (or was, until overtaken) the version
+    if all(s is not None and s.version > write.id for s in before):
+        return "superseded"
+    for index, (entry_write, state) in enumerate(zip(write.entries, before, strict=True)):
+        if not _holds(entry_write, state, now_ms):
+            return Conflict(index if write.batch else None)
+    return None
 
 
 def decide(
@@ -63,7 +95,7 @@ def decide(
     states: Mapping[EntryKey, EntryState | None],
     usage: Mapping[uuid.UUID, Usage],
     quota: Quota,
-    cutoff_ms: int,
+    now_ms: int,
     retention_ms: int,
 ) -> Decision:
     """Decide every write of one transaction (see the module's docstring)."""
@@ -76,12 +108,17 @@ def decide(
         if write.plugin_id not in usage:
             results[index] = UnknownPlugin(f"plugin {write.plugin_id} is not registered")
             continue
-        if write.id.int >> 80 < cutoff_ms:
+        if write.id.int >> 80 < now_ms - retention_ms:
             results[index] = Stale(
                 f"id {write.id} is older than the tombstone retention of "
                 f"{retention_ms // 1000} s by the database's clock when it was applied"
             )
             continue
+        if write.conditional:
+            decided = _conditional(write, current, now_ms)
+            if decided is not None:
+                results[index] = decided
+                continue
         staged: dict[EntryKey, EntryWrite] = {}
         for entry_write in write.entries:
             if entry_write.entry in staged or _wins(entry_write, current.get(entry_write.entry)):
@@ -101,12 +138,11 @@ def decide(
             current[key] = state_after(entry_write)
             final[key] = (entry_write, index)
     for _, origin in final.values():
-        results[origin] = "applied"
-    stores = [final[key][0] for key in sorted(final, key=_sort_key)]
+        if results[origin] == "superseded":
+            results[origin] = "applied"
     return Decision(
         results=results,
-        stores=stores,
-        before={s.entry: states.get(s.entry) for s in stores},
+        stores=[final[key][0] for key in sorted(final, key=_sort_key)],
         usage={
             plugin: used[plugin] - usage[plugin]
             for plugin in usage

@@ -14,7 +14,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.writes = Counter(
             "plugin_state_writes",
-            "Write commands by outcome: applied, superseded or rejected",
+            "Write commands by outcome: applied, superseded, conflict or rejected",
             ["outcome"],
             registry=self.registry,
         )
@@ -75,6 +75,12 @@ class Metrics:
         self.rpc_expired = Counter(
             "plugin_state_rpc_expired",
             "Read requests dropped because they expired before they were served",
+            registry=self.registry,
+        )
+
+        self.expired = Counter(
+            "plugin_state_expired",
+            "Expired entries whose rows the sweeper turned into tombstones",
             registry=self.registry,
         )
 

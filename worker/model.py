@@ -11,6 +11,14 @@ from worker.auth import Caller
 Outcome = Literal["applied", "superseded"]
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """The outcome of a conditional write whose condition did not hold (protocol §7):
+    nothing changed. ``failed_op`` is the first failing op of a batch."""
+
+    failed_op: int | None = None
+
+
 class EntryKey(NamedTuple):
     """The identity of one state entry (protocol §1)."""
 
@@ -25,17 +33,25 @@ class EntryKey(NamedTuple):
 class EntryWrite:
     """One entry's new state at ``version``: JSON text to store, or None for a delete.
 
-    ``value_bytes`` is the size of that JSON text as sent (UTF-8), which quotas, reply
-    budgets and transaction bounds count."""
+    ``value_bytes`` bounds the size of that JSON text as reads return it, which quotas,
+    reply budgets and transaction bounds count. A set may expire (``expires_at_ms``, Unix
+    ms) and a write may be conditional (``if_version``, ``if_absent``: protocol §7)."""
 
     entry: EntryKey
     version: uuid.UUID
     value_json: str | None
     value_bytes: int = 0
+    expires_at_ms: int | None = None
+    if_version: uuid.UUID | None = None
+    if_absent: bool = False
 
     @property
     def is_delete(self) -> bool:
         return self.value_json is None
+
+    @property
+    def conditional(self) -> bool:
+        return self.if_absent or self.if_version is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,20 +63,31 @@ class Write:
     plugin_id: uuid.UUID
     entries: tuple[EntryWrite, ...]
     caller: Caller
+    batch: bool = False
+    """A ``batch`` message (its conflicts name the failing op)."""
 
     @property
     def value_bytes(self) -> int:
         return sum(e.value_bytes for e in self.entries)
 
+    @property
+    def conditional(self) -> bool:
+        return any(e.conditional for e in self.entries)
+
 
 @dataclass(frozen=True, slots=True)
 class EntryState:
     """What the version register holds for an entry: its newest write, and whether that
-    left a value (of ``value_bytes``) or a tombstone."""
+    left a value (of ``value_bytes``, expiring at ``expires_at_ms``) or a tombstone."""
 
     version: uuid.UUID
     deleted: bool
     value_bytes: int = 0
+    expires_at_ms: int | None = None
+
+    def has_value(self, now_ms: int) -> bool:
+        """A value that has not expired (an expired one reads as missing at once)."""
+        return not self.deleted and (self.expires_at_ms is None or self.expires_at_ms > now_ms)
 
 
 @dataclass(frozen=True, slots=True)

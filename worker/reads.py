@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from schemas.codec import JSON, Codec
 from schemas.errors import ReplyTooLarge
@@ -55,7 +57,12 @@ def value_reply(value: StoredValue | None, codec: Codec) -> ValueReply:
         value=embed(value.value_json, codec),
         version=value.version,
         updated_at=value.updated_at.isoformat(),
+        expires_at=_timestamp(value.expires_at),
     )
+
+
+def _timestamp(at: datetime | None) -> str | UnsetType:
+    return UNSET if at is None else at.isoformat()
 
 
 def check_lookup_size(entries: Sequence[EntryKey], found: Sequence[Found], limit: int) -> None:
@@ -145,6 +152,7 @@ def page_reply(rows: Sequence[Listed], more: bool, codec: Codec) -> PageReply:
             value=embed(row.value.value_json or "null", codec),
             version=row.value.version,
             updated_at=row.value.updated_at.isoformat(),
+            expires_at=_timestamp(row.value.expires_at),
         )
         for row in rows
     ]

@@ -19,13 +19,14 @@ import msgspec
 
 from schemas.errors import StateError
 from schemas.messages import DEFAULT_NAMESPACE, MAX_LIST_LIMIT, SCOPE_KINDS, ScopeKind
-from worker.client import ClientError, Entry, Scope, StateClient
+from worker.client import ClientError, Conflict, Entry, Scope, StateClient
 from worker.config import Settings
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_NOT_FOUND = 1
+EXIT_CONFLICT = 3
 
 
 class CommandFailed(click.ClickException):
@@ -88,8 +89,38 @@ def _common(scope_required: bool) -> Callable[[F], F]:
 
 def _wait_option(command: F) -> F:
     return click.option(
-        "--wait", is_flag=True, help="Return once the worker applied it, not once queued."
+        "--wait/--no-wait",
+        default=None,
+        help="Return once the worker applied it, not once queued (conditional writes wait "
+        "unless --no-wait).",
     )(command)
+
+
+def _if_version_option(command: F) -> F:
+    return click.option(
+        "--if-version",
+        type=click.UUID,
+        help="Only if the entry's value is still the one this write id stored (exit 3 if not).",
+    )(command)
+
+
+def _run_write(write: Coroutine[Any, Any, uuid.UUID], waited: bool) -> None:
+    """Print a write's outcome: its id, and whether it was applied; a conflict exits 3."""
+    try:
+        click.echo(_written_json(_run(write), waited))
+    except ConflictFailed as conflict:
+        click.echo(
+            msgspec.json.encode(
+                {"id": conflict.write_id, "applied": False, "outcome": "conflict"}
+            ).decode()
+        )
+        click.get_current_context().exit(EXIT_CONFLICT)
+
+
+class ConflictFailed(Exception):
+    def __init__(self, write_id: uuid.UUID) -> None:
+        super().__init__(str(write_id))
+        self.write_id = write_id
 
 
 @asynccontextmanager
@@ -106,6 +137,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; the contract's and the client's errors exit 2."""
     try:
         return asyncio.run(coro)
+    except Conflict as exc:
+        raise ConflictFailed(exc.write_id) from None
     except (StateError, ClientError) as exc:
         raise CommandFailed(f"{type(exc).__name__}: {exc}") from None
     except OSError as exc:
@@ -123,6 +156,7 @@ def _entry_json(entry: Entry, **extra: Any) -> str:
             "value": entry.value,
             "version": entry.version,
             "updated_at": entry.updated_at,
+            **({} if entry.expires_at is None else {"expires_at": entry.expires_at}),
         }
     ).decode()
 
@@ -157,6 +191,13 @@ def get_command(
 @click.command("set")
 @_common(scope_required=True)
 @_wait_option
+@_if_version_option
+@click.option("--if-absent", is_flag=True, help="Only if the entry has no value (exit 3 if not).")
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0.001),
+    help="Seconds after which the entry expires (reads then find nothing).",
+)
 @click.argument("key")
 @click.argument("value", metavar="JSON_VALUE", callback=_parse_json)
 @click.pass_obj
@@ -166,7 +207,10 @@ def set_command(
     scope: Scope,
     namespace: str,
     timeout: float,
-    wait: bool,
+    wait: bool | None,
+    if_version: uuid.UUID | None,
+    if_absent: bool,
+    ttl: float | None,
     key: str,
     value: Any,
 ) -> None:
@@ -174,19 +218,31 @@ def set_command(
 
     Prints {"id": WRITE_ID} once the broker has the write queued (a `get` right after
     may not see it yet), or with --wait {"id": WRITE_ID, "applied": true} once the worker
-    applied it. An error exits 2.
+    applied it. A conditional write (--if-version, --if-absent) waits: when its condition
+    does not hold it prints "outcome": "conflict" and exits 3. An error exits 2.
     """
+    conditional = if_version is not None or if_absent
 
     async def write() -> uuid.UUID:
         async with _client(settings, plugin, timeout) as client:
-            return await client.set(scope, key, value, namespace=namespace, wait=wait)
+            return await client.set(
+                scope,
+                key,
+                value,
+                namespace=namespace,
+                if_version=if_version,
+                if_absent=if_absent,
+                ttl=ttl,
+                wait=wait,
+            )
 
-    click.echo(_written_json(_run(write()), wait))
+    _run_write(write(), wait if wait is not None else conditional)
 
 
 @click.command("delete")
 @_common(scope_required=True)
 @_wait_option
+@_if_version_option
 @click.argument("key")
 @click.pass_obj
 def delete_command(
@@ -195,17 +251,20 @@ def delete_command(
     scope: Scope,
     namespace: str,
     timeout: float,
-    wait: bool,
+    wait: bool | None,
+    if_version: uuid.UUID | None,
     key: str,
 ) -> None:
     """Delete the entry KEY. Prints {"id": WRITE_ID} (with --wait, "applied": true too);
-    an error exits 2."""
+    with --if-version a conflict prints "outcome": "conflict" and exits 3; an error exits 2."""
 
     async def write() -> uuid.UUID:
         async with _client(settings, plugin, timeout) as client:
-            return await client.delete(scope, key, namespace=namespace, wait=wait)
+            return await client.delete(
+                scope, key, namespace=namespace, if_version=if_version, wait=wait
+            )
 
-    click.echo(_written_json(_run(write()), wait))
+    _run_write(write(), wait if wait is not None else if_version is not None)
 
 
 @click.command("list")

@@ -27,6 +27,7 @@ APPLICATION_NAME: Final = "plugin-state-worker"
 LOCK_CLASS: Final = 0x5053
 MIGRATE_LOCK: Final = 1
 RETENTION_LOCK: Final = 2
+EXPIRY_LOCK: Final = 3
 
 # Failures that are not the data's fault (Postgres down, restarting, a cut connection, a
 # timeout): callers keep their work and retry. Data faults are handled in the applier first.
@@ -74,6 +75,7 @@ class StoredValue:
     version: uuid.UUID
     updated_at: datetime
     value_bytes: int = 0
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,17 @@ def _key_columns(entries: Sequence[EntryKey]) -> tuple[list[Any], ...]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """What a write transaction holds once it has locked its plugins."""
+
+    usage: dict[uuid.UUID, Usage]
+    heads: dict[uuid.UUID, int]
+    """Each plugin's last position given (its order of writes, see migration 005)."""
+    now_ms: int
+    """The database's clock, Unix ms."""
+
+
 class WriteTransaction:
     """The statements of one write transaction, in the order they must run (see
     ``worker.decisions`` for why this order makes the outcome exact)."""
@@ -140,14 +153,14 @@ class WriteTransaction:
     def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
 
-    async def lock_plugins(
-        self, plugin_ids: Iterable[uuid.UUID]
-    ) -> tuple[dict[uuid.UUID, Usage], int | None]:
-        """Lock the plugins' counters; their usage, and the database's clock in Unix ms
-        (None when no plugin is registered)."""
+    async def lock_plugins(self, plugin_ids: Iterable[uuid.UUID]) -> Locked:
+        """Lock the plugins' counters (the registered ones: the others have none)."""
         rows = await self.conn.fetch(QUERIES["lock_plugins"], sorted(set(plugin_ids)))
-        usage = {r["plugin_id"]: Usage(r["entries"], r["bytes"], r["tombstones"]) for r in rows}
-        return usage, (rows[0]["now_ms"] if rows else None)
+        return Locked(
+            usage={r["plugin_id"]: Usage(r["entries"], r["bytes"], r["tombstones"]) for r in rows},
+            heads={r["plugin_id"]: r["head"] for r in rows},
+            now_ms=rows[0]["now_ms"] if rows else 0,
+        )
 
     async def read_entries(self, entries: Sequence[EntryKey]) -> dict[EntryKey, EntryState]:
         """The register's state of each entry that has a register row."""
@@ -155,17 +168,26 @@ class WriteTransaction:
             return {}
         rows = await self.conn.fetch(QUERIES["read_entries"], *_key_columns(entries))
         return {
-            entries[row["n"] - 1]: EntryState(row["version"], row["deleted"], row["value_bytes"])
+            entries[row["n"] - 1]: EntryState(
+                row["version"], row["deleted"], row["value_bytes"], row["expires_at_ms"]
+            )
             for row in rows
         }
 
     async def write_entries(
-        self, stores: Sequence[EntryWrite], usage: Mapping[uuid.UUID, Usage]
-    ) -> None:
-        """Store the winning entry writes and the plugins' changes of usage."""
+        self, stores: Sequence[EntryWrite], usage: Mapping[uuid.UUID, Usage], locked: Locked
+    ) -> dict[uuid.UUID, int]:
+        """Store the winning entry writes, each at the next position of its plugin, and the
+        plugins' changes of usage; returns each plugin's head after it."""
+        heads = dict(locked.heads)
+        positions = []
+        for entry_write in stores:
+            heads[entry_write.entry.plugin_id] += 1
+            positions.append(heads[entry_write.entry.plugin_id])
         if not stores:
-            return
-        plugins = sorted(usage)
+            return heads
+        plugins = sorted({e.entry.plugin_id for e in stores} | set(usage))
+        change = [usage.get(p, Usage()) for p in plugins]
         row = await self.conn.fetchrow(
             QUERIES["write_entries"],
             *_key_columns([e.entry for e in stores]),
@@ -173,10 +195,13 @@ class WriteTransaction:
             [e.is_delete for e in stores],
             [e.value_json for e in stores],
             [e.value_bytes for e in stores],
+            [e.expires_at_ms for e in stores],
+            positions,
             plugins,
-            [usage[p].entries for p in plugins],
-            [usage[p].bytes for p in plugins],
-            [usage[p].tombstones for p in plugins],
+            [c.entries for c in change],
+            [c.bytes for c in change],
+            [c.tombstones for c in change],
+            [heads[p] for p in plugins],
         )
         assert row is not None
         deletes = sum(e.is_delete for e in stores)
@@ -185,6 +210,7 @@ class WriteTransaction:
                 f"wrote {row['versions']} register rows and {row['upserted']} values for "
                 f"{len(stores)} entry writes ({deletes} deletes)"
             )
+        return heads
 
 
 class Store:
@@ -225,7 +251,11 @@ class Store:
                 value=None
                 if row["version"] is None
                 else StoredValue(
-                    row["value_json"], row["version"], row["updated_at"], row["value_bytes"]
+                    row["value_json"],
+                    row["version"],
+                    row["updated_at"],
+                    row["value_bytes"],
+                    row["expires_at"],
                 ),
                 register_version=row["register_version"],
             )
@@ -265,9 +295,10 @@ class Store:
             entry = EntryKey(
                 plugin_id, row["scope_kind"], row["scope_id"], row["namespace"], row["state_key"]
             )
-            page.append(
-                Listed(entry, StoredValue(row["value_json"], row["version"], row["updated_at"]))
+            value = StoredValue(
+                row["value_json"], row["version"], row["updated_at"], expires_at=row["expires_at"]
             )
+            page.append(Listed(entry, value))
         return page, len(rows) > limit
 
     async def purge_tombstones(self, older_than_seconds: float, limit: int) -> int | None:
@@ -286,6 +317,26 @@ class Store:
                 QUERIES["purge_tombstones"], older_than_seconds, limit, plugins
             )
         return int(removed)
+
+    async def sweep_expired(self, limit: int) -> tuple[int, list[uuid.UUID]] | None:
+        """Turn up to ``limit`` expired entries into tombstones. Returns how many went and
+        their plugins, or None when another worker holds the job's lock."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(QUERIES["try_lock"], LOCK_CLASS, EXPIRY_LOCK):
+                return None
+            rows = await conn.fetch(QUERIES["expired_plugins"], limit)
+            plugins = [row["plugin_id"] for row in rows]
+            if not plugins:
+                return 0, []
+            await WriteTransaction(conn).lock_plugins(plugins)
+            swept = await conn.fetchrow(QUERIES["sweep_expired"], limit, plugins)
+            assert swept is not None
+            if swept["removed"] != swept["tombstoned"]:
+                raise StoreInconsistent(
+                    f"removed {swept['removed']} expired rows but made {swept['tombstoned']} "
+                    "tombstones"
+                )
+        return swept["removed"], list(swept["plugins"])
 
     async def add_plugin(
         self, plugin_key: str, plugin_id: uuid.UUID | None, amqp_user: str | None

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from schemas.errors import InvalidMessage, InvalidRequest, Stale, UnsupportedValue, ValueTooLarge
-from schemas.messages import BatchCommand, BatchDelete, SetCommand, WriteCommand
+from schemas.messages import (
+    BatchCommand,
+    BatchDelete,
+    BatchSet,
+    DeleteCommand,
+    SetCommand,
+    WriteCommand,
+)
 from worker.auth import Caller
 from worker.model import EntryKey, EntryWrite, Write
 
@@ -271,6 +278,33 @@ def _float_growth(number: float) -> int:
 # ------------------------------------------------------------------------------ writes
 
 
+def check_conditions(
+    op: SetCommand | DeleteCommand | BatchSet | BatchDelete, write_id: uuid.UUID, rules: Rules
+) -> tuple[uuid.UUID | None, bool, int | None]:
+    """A write's conditions and expiry (protocol §7): (if_version, if_absent, the Unix ms
+    its entry expires at), or ``invalid_request``."""
+    if_version = op.if_version
+    if_absent = isinstance(op, SetCommand | BatchSet) and op.if_absent
+    ttl_ms = op.ttl_ms if isinstance(op, SetCommand | BatchSet) else None
+    if if_version is not None:
+        if if_absent:
+            raise InvalidRequest("a write takes at most one of if_version and if_absent")
+        if not is_uuid7(if_version):
+            raise InvalidRequest(f"if_version {if_version} is not a UUIDv7 (it names a write)")
+        if if_version >= write_id:
+            raise InvalidRequest(
+                f"if_version {if_version} must be older than the write's own id {write_id} "
+                "(make the write's id after reading the version)"
+            )
+    if ttl_ms is None:
+        return if_version, if_absent, None
+    if ttl_ms > rules.retention_ms:
+        raise InvalidRequest(
+            f"ttl_ms {ttl_ms} is longer than the tombstone retention ({rules.retention_ms} ms)"
+        )
+    return if_version, if_absent, uuid7_millis(write_id) + ttl_ms
+
+
 def validate_write(
     command: WriteCommand,
     now_ms: int,
@@ -284,28 +318,42 @@ def validate_write(
     version = command.id
     plugin_id = command.plugin_id
     entries: list[EntryWrite] = []
-    if isinstance(command, BatchCommand):
-        for index, op in enumerate(command.ops):
-            try:
-                check_entry(op.scope_kind, op.scope_id, op.namespace, op.key)
-                value_json, size = (
-                    (None, 0)
-                    if isinstance(op, BatchDelete)
-                    else encode_value(op.value, rules, msgpack=msgpack)
-                )
-            except (InvalidMessage, InvalidRequest, UnsupportedValue, ValueTooLarge) as exc:
-                raise type(exc)(f"ops[{index}]: {exc.message}") from None
-            key = EntryKey(plugin_id, op.scope_kind, op.scope_id, op.namespace, op.key)
-            entries.append(EntryWrite(key, version, value_json, size))
+    ops = command.ops if isinstance(command, BatchCommand) else [command]
+    for index, op in enumerate(ops):
+        try:
+            entries.append(_entry_write(op, plugin_id, version, rules, msgpack))
+        except (InvalidMessage, InvalidRequest, UnsupportedValue, ValueTooLarge) as exc:
+            if not isinstance(command, BatchCommand):
+                raise
+            raise type(exc)(f"ops[{index}]: {exc.message}") from None
+    return Write(
+        id=version,
+        plugin_id=plugin_id,
+        entries=tuple(entries),
+        caller=caller,
+        batch=isinstance(command, BatchCommand),
+    )
+
+
+def _entry_write(
+    op: SetCommand | DeleteCommand | BatchSet | BatchDelete,
+    plugin_id: uuid.UUID,
+    version: uuid.UUID,
+    rules: Rules,
+    msgpack: bool,
+) -> EntryWrite:
+    check_entry(op.scope_kind, op.scope_id, op.namespace, op.key)
+    if_version, if_absent, expires_at_ms = check_conditions(op, version, rules)
+    if isinstance(op, SetCommand | BatchSet):
+        value_json, size = encode_value(op.value, rules, msgpack=msgpack)
     else:
-        check_entry(command.scope_kind, command.scope_id, command.namespace, command.key)
-        key = EntryKey(
-            plugin_id, command.scope_kind, command.scope_id, command.namespace, command.key
-        )
-        value_json, size = (
-            encode_value(command.value, rules, msgpack=msgpack)
-            if isinstance(command, SetCommand)
-            else (None, 0)
-        )
-        entries.append(EntryWrite(key, version, value_json, size))
-    return Write(id=version, plugin_id=plugin_id, entries=tuple(entries), caller=caller)
+        value_json, size = None, 0
+    return EntryWrite(
+        EntryKey(plugin_id, op.scope_kind, op.scope_id, op.namespace, op.key),
+        version,
+        value_json,
+        size,
+        expires_at_ms=expires_at_ms,
+        if_version=if_version,
+        if_absent=if_absent,
+    )

@@ -19,7 +19,7 @@ SELECT id, amqp_user FROM plugins WHERE id = ANY($1::uuid[]);
 -- taken after the lock was granted, reads exactly the state the writes meet. (It must be a
 -- statement of its own: a snapshot taken before waiting for the lock would miss what the
 -- transaction we waited for committed.) A plugin without a row is not registered.
-SELECT plugin_id, entries, bytes, tombstones,
+SELECT plugin_id, entries, bytes, tombstones, head,
        (extract(epoch FROM statement_timestamp()) * 1000)::bigint AS now_ms
 FROM plugin_counters
 WHERE plugin_id = ANY($1::uuid[])
@@ -33,16 +33,17 @@ FOR UPDATE;
 -- is null so that both arms use the unique index (`=` never matches null).
 SELECT w.n, v.version, v.deleted,
        CASE WHEN v.deleted THEN 0 ELSE coalesce(v.value_bytes, legacy.value_bytes, 0) END
-           AS value_bytes
+           AS value_bytes,
+       (extract(epoch FROM v.expires_at) * 1000)::bigint AS expires_at_ms
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
     WITH ORDINALITY AS w (plugin_id, scope_kind, scope_id, namespace, state_key, n)
 JOIN LATERAL (
-    SELECT v.version, v.deleted, v.value_bytes FROM plugin_state_versions v
+    SELECT v.version, v.deleted, v.value_bytes, v.expires_at FROM plugin_state_versions v
     WHERE w.scope_id IS NOT NULL
       AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
       AND v.scope_id = w.scope_id AND v.namespace = w.namespace AND v.state_key = w.state_key
     UNION ALL
-    SELECT v.version, v.deleted, v.value_bytes FROM plugin_state_versions v
+    SELECT v.version, v.deleted, v.value_bytes, v.expires_at FROM plugin_state_versions v
     WHERE w.scope_id IS NULL AND v.scope_id IS NULL
       AND v.plugin_id = w.plugin_id AND v.scope_kind = w.scope_kind
       AND v.namespace = w.namespace AND v.state_key = w.state_key
@@ -61,43 +62,48 @@ LEFT JOIN LATERAL (
 
 -- name: write_entries
 -- The last statement of a write transaction: the entry writes that won (decided under the
--- plugin locks, each entry once), in one round trip. $1..$9 are the entries: key, version,
--- whether it is a delete, the value's JSON text (null for a delete) and its size; $10..$13
--- each plugin's change of usage. Every part is a data-modifying CTE of this one statement,
--- so all of it runs; the counts let the caller check that nothing was skipped.
+-- plugin locks, each entry once), in one round trip. $1..$11 are the entries: key, version,
+-- whether it is a delete, the value's JSON text (null for a delete), its size, when it
+-- expires (Unix ms, or null) and its position in its plugin's order; $12..$16 each plugin's
+-- change of usage and its new head. Every part is a data-modifying CTE of this one
+-- statement, so all of it runs; the counts let the caller check that nothing was skipped.
 WITH versions AS (
     INSERT INTO plugin_state_versions AS v
         (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted,
-         value_bytes, deleted_at, changed_at)
+         value_bytes, deleted_at, changed_at, expires_at, expired, position)
     SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key, t.version,
            t.deleted, CASE WHEN t.deleted THEN NULL ELSE t.value_bytes END,
-           CASE WHEN t.deleted THEN now() END, now()
+           CASE WHEN t.deleted THEN now() END, now(),
+           to_timestamp(t.expires_at_ms / 1000.0), false, t.position
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[],
-                $7::bool[], $9::int[])
+                $7::bool[], $9::int[], $10::bigint[], $11::bigint[])
         AS t (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted,
-              value_bytes)
+              value_bytes, expires_at_ms, position)
     ON CONFLICT ON CONSTRAINT plugin_state_versions_entry_idx DO UPDATE
         SET version = EXCLUDED.version, deleted = EXCLUDED.deleted,
             value_bytes = EXCLUDED.value_bytes, deleted_at = EXCLUDED.deleted_at,
-            changed_at = EXCLUDED.changed_at
+            changed_at = EXCLUDED.changed_at, expires_at = EXCLUDED.expires_at,
+            expired = false, position = EXCLUDED.position
         WHERE v.version < EXCLUDED.version
     RETURNING 1
 ), upserted AS (
     INSERT INTO plugin_state AS s
         (plugin_id, scope_kind, scope_id, namespace, state_key, value_json, version,
-         updated_at, value_bytes)
+         updated_at, value_bytes, expires_at)
     SELECT t.plugin_id, t.scope_kind, t.scope_id, t.namespace, t.state_key,
-           t.value_json::jsonb, t.version, now(), t.value_bytes
+           t.value_json::jsonb, t.version, now(), t.value_bytes,
+           to_timestamp(t.expires_at_ms / 1000.0)
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[],
-                $7::bool[], $8::text[], $9::int[])
+                $7::bool[], $8::text[], $9::int[], $10::bigint[])
         AS t (plugin_id, scope_kind, scope_id, namespace, state_key, version, deleted,
-              value_json, value_bytes)
+              value_json, value_bytes, expires_at_ms)
     WHERE NOT t.deleted
     ON CONFLICT ON CONSTRAINT plugin_state_unique_entry_idx DO UPDATE
         SET value_json = EXCLUDED.value_json,
             version = EXCLUDED.version,
             updated_at = EXCLUDED.updated_at,
-            value_bytes = EXCLUDED.value_bytes
+            value_bytes = EXCLUDED.value_bytes,
+            expires_at = EXCLUDED.expires_at
     RETURNING 1
 ), removed_scoped AS (
     DELETE FROM plugin_state AS s
@@ -120,9 +126,10 @@ WITH versions AS (
     UPDATE plugin_counters AS c
     SET entries = c.entries + d.entries,
         bytes = c.bytes + d.bytes,
-        tombstones = c.tombstones + d.tombstones
-    FROM unnest($10::uuid[], $11::bigint[], $12::bigint[], $13::bigint[])
-        AS d (plugin_id, entries, bytes, tombstones)
+        tombstones = c.tombstones + d.tombstones,
+        head = d.head
+    FROM unnest($12::uuid[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[])
+        AS d (plugin_id, entries, bytes, tombstones, head)
     WHERE c.plugin_id = d.plugin_id
     RETURNING 1
 )
@@ -139,26 +146,30 @@ SELECT (SELECT count(*) FROM versions) AS versions,
 -- sent while their running size stays within $7 bytes (the first always): the others come
 -- with their size only, so a burst of reads of large entries never loads more than that at
 -- once. Each lookup is split on whether scope_id is null so that both arms use the unique
--- index.
+-- index. An entry past its expires_at reads as missing at once, whether or not the sweeper
+-- has removed its row yet.
 WITH found AS (
-    SELECT w.n, s.value_json, s.version, s.updated_at, s.value_bytes,
+    SELECT w.n, s.value_json, s.version, s.updated_at, s.value_bytes, s.expires_at,
            v.version AS register_version
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
         WITH ORDINALITY AS w (plugin_id, scope_kind, scope_id, namespace, state_key,
                               wants_version, n)
     LEFT JOIN LATERAL (
         SELECT s.value_json, s.version, s.updated_at,
-               coalesce(s.value_bytes, octet_length(s.value_json::text)) AS value_bytes
+               coalesce(s.value_bytes, octet_length(s.value_json::text)) AS value_bytes,
+               s.expires_at
         FROM plugin_state s
         WHERE w.scope_id IS NOT NULL
+          AND (s.expires_at IS NULL OR s.expires_at > statement_timestamp())
           AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
           AND s.scope_id = w.scope_id AND s.namespace = w.namespace
           AND s.state_key = w.state_key
         UNION ALL
         SELECT s.value_json, s.version, s.updated_at,
-               coalesce(s.value_bytes, octet_length(s.value_json::text))
+               coalesce(s.value_bytes, octet_length(s.value_json::text)), s.expires_at
         FROM plugin_state s
         WHERE w.scope_id IS NULL AND s.scope_id IS NULL
+          AND (s.expires_at IS NULL OR s.expires_at > statement_timestamp())
           AND s.plugin_id = w.plugin_id AND s.scope_kind = w.scope_kind
           AND s.namespace = w.namespace AND s.state_key = w.state_key
     ) s ON true
@@ -175,7 +186,7 @@ WITH found AS (
           AND v.namespace = w.namespace AND v.state_key = w.state_key
     ) v ON true
 )
-SELECT n, version, updated_at, value_bytes, register_version,
+SELECT n, version, updated_at, value_bytes, expires_at, register_version,
        CASE WHEN n = 1 OR sum(coalesce(value_bytes, 0)) OVER (ORDER BY n) <= $7
             THEN value_json END AS value_json
 FROM found
@@ -190,7 +201,7 @@ ORDER BY n;
 -- page follows). A row's value is sent only while the page's running size (each value's
 -- bound on its rendering, value_bytes, plus its names and $16 bytes of framing) stays
 -- within $15 bytes; `within` says which rows fit, the first always does.
-SELECT scope_kind, scope_id, namespace, state_key, version, updated_at,
+SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
        CASE WHEN row_number() OVER w = 1 OR sum(
                 coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
                 + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
@@ -210,6 +221,7 @@ WHERE plugin_id = $1
   AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
   AND ($12::text IS NULL OR namespace = $12)
   AND starts_with(state_key, $13)
+  AND (expires_at IS NULL OR expires_at > statement_timestamp())
 WINDOW w AS (ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
                       namespace COLLATE "C", state_key COLLATE "C"
              ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
@@ -220,7 +232,7 @@ LIMIT $14;
 -- name: list_next_page
 -- As list_first_page, after the cursor $2..$5 (the last entry of the previous page):
 -- keyset paging, so entries added or removed between pages never shift the others.
-SELECT scope_kind, scope_id, namespace, state_key, version, updated_at,
+SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
        CASE WHEN row_number() OVER w = 1 OR sum(
                 coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
                 + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
@@ -240,6 +252,7 @@ WHERE plugin_id = $1
   AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
   AND ($12::text IS NULL OR namespace = $12)
   AND starts_with(state_key, $13)
+  AND (expires_at IS NULL OR expires_at > statement_timestamp())
 WINDOW w AS (ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
                       namespace COLLATE "C", state_key COLLATE "C"
              ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
@@ -287,6 +300,73 @@ WITH cut AS (
     RETURNING 1
 )
 SELECT count(*) FROM purged;
+
+-- name: expired_plugins
+-- Plugins with entries past their expires_at, for the sweeper to lock before it removes any
+-- (the oldest first, through the expiry index).
+SELECT DISTINCT plugin_id FROM (
+    SELECT plugin_id FROM plugin_state
+    WHERE expires_at IS NOT NULL AND expires_at <= statement_timestamp()
+    ORDER BY expires_at
+    LIMIT $1
+) expired;
+
+-- name: sweep_expired
+-- Turns up to $1 expired entries of the plugins $2 (whose counters rows the transaction has
+-- locked) into tombstones at their version: the row goes from plugin_state, the register
+-- keeps the version (marked deleted and expired, at the next position of its plugin), so an
+-- older write still cannot bring the value back. The counters follow. Returns how many rows
+-- went and how many register rows became tombstones (the caller checks they agree).
+WITH gone AS (
+    DELETE FROM plugin_state AS s
+    WHERE s.ctid IN (
+        SELECT o.ctid FROM plugin_state o
+        WHERE o.expires_at IS NOT NULL AND o.expires_at <= statement_timestamp()
+          AND o.plugin_id = ANY($2::uuid[])
+        ORDER BY o.expires_at
+        LIMIT $1
+    )
+      AND s.expires_at <= statement_timestamp()
+    RETURNING s.plugin_id, s.scope_kind, s.scope_id, s.namespace, s.state_key, s.version,
+              coalesce(s.value_bytes, octet_length(s.value_json::text)) AS value_bytes
+), positioned AS (
+    SELECT g.*, c.head + row_number() OVER (
+               PARTITION BY g.plugin_id
+               ORDER BY g.scope_kind, g.scope_id, g.namespace, g.state_key
+           ) AS position
+    FROM gone g JOIN plugin_counters c ON c.plugin_id = g.plugin_id
+), tombstoned_scoped AS (
+    UPDATE plugin_state_versions AS v
+    SET deleted = true, expired = true, value_bytes = NULL, deleted_at = now(),
+        changed_at = now(), position = p.position
+    FROM positioned p
+    WHERE p.scope_id IS NOT NULL
+      AND v.plugin_id = p.plugin_id AND v.scope_kind = p.scope_kind
+      AND v.scope_id = p.scope_id AND v.namespace = p.namespace
+      AND v.state_key = p.state_key AND v.version = p.version
+    RETURNING 1
+), tombstoned_instance AS (
+    UPDATE plugin_state_versions AS v
+    SET deleted = true, expired = true, value_bytes = NULL, deleted_at = now(),
+        changed_at = now(), position = p.position
+    FROM positioned p
+    WHERE p.scope_id IS NULL AND v.scope_id IS NULL
+      AND v.plugin_id = p.plugin_id AND v.scope_kind = p.scope_kind
+      AND v.namespace = p.namespace AND v.state_key = p.state_key AND v.version = p.version
+    RETURNING 1
+), counted AS (
+    UPDATE plugin_counters AS c
+    SET entries = c.entries - g.n, bytes = c.bytes - g.bytes,
+        tombstones = c.tombstones + g.n, head = c.head + g.n
+    FROM (SELECT plugin_id, count(*) AS n, sum(value_bytes) AS bytes
+          FROM gone GROUP BY plugin_id) AS g
+    WHERE c.plugin_id = g.plugin_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS removed,
+       (SELECT count(*) FROM tombstoned_scoped) + (SELECT count(*) FROM tombstoned_instance)
+           AS tombstoned,
+       ARRAY(SELECT DISTINCT plugin_id FROM gone) AS plugins;
 
 -- name: try_lock
 -- A transaction-scoped advisory lock: one worker at a time runs a housekeeping job.

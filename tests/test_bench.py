@@ -85,7 +85,11 @@ async def test_small_bench_reports_every_figure_and_cleans_up(
     assert len(figures) > 50
     assert all(math.isfinite(value) for value in figures.values()), figures
     assert report["memory"]["peak_rss"] > 0
-    assert report["write_latency"]["count"] > 0
+    assert report["write_latency"]
+    for point in report["write_latency"]:
+        assert point["count"] > 0
+        assert len(point["quantiles_ms"]) == len(report["quantiles"])
+    assert len(report["memory"]["rss_samples"]) > 0
     for server in report["reads"].values():
         assert server["latency"]["count"] > 0
         assert server["throughput"]["count"] > 0

@@ -29,13 +29,19 @@ class Rate:
         return {"count": self.count, "seconds": self.seconds, "per_second": self.per_second}
 
 
+QUANTILES: Final = (*(n / 100 for n in range(100)), 0.995, 0.999, 1.0)
+"""The fractions every latency keeps the distribution at (0 is the fastest, 1 the slowest)."""
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of unsorted ``values`` (``fraction`` 0.5 is the median)."""
-    if not values:
+    return _nearest_rank(sorted(values), fraction)
+
+
+def _nearest_rank(ordered: Sequence[float], fraction: float) -> float:
+    if not ordered:
         return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,25 +51,43 @@ class Latency:
     p50_ms: float
     p99_ms: float
     count: int
+    quantiles_ms: tuple[float, ...] = ()
+    """The sample's distribution: its value at each of ``QUANTILES`` (none when empty), so
+    that a chart can draw it without the raw sample."""
 
     @classmethod
     def of(cls, seconds: Sequence[float]) -> Latency:
-        return cls(percentile(seconds, 0.5) * 1000, percentile(seconds, 0.99) * 1000, len(seconds))
+        ordered = sorted(seconds)
+        return cls(
+            _nearest_rank(ordered, 0.5) * 1000,
+            _nearest_rank(ordered, 0.99) * 1000,
+            len(ordered),
+            tuple(_nearest_rank(ordered, q) * 1000 for q in QUANTILES) if ordered else (),
+        )
 
-    def as_json(self) -> dict[str, float]:
-        return {"p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "count": self.count}
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "count": self.count,
+            "quantiles_ms": list(self.quantiles_ms),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class WriteLatency:
+    """Publish-to-commit latency of writes paced at one rate."""
+
+    rate: float
+    """Writes per second published (a fraction of the measured maximum)."""
     latency: Latency
     """Publish-to-commit, per write."""
     drain_seconds: float
-    """From the last publish to the last commit: about one batch when the worker kept up
+    """From the last publish to the last commit: about one batch when the consumer kept up
     with the pace, the backlog it accumulated when it did not."""
 
-    def as_json(self) -> dict[str, float]:
-        return {**self.latency.as_json(), "drain_seconds": self.drain_seconds}
+    def as_json(self) -> dict[str, Any]:
+        return {"rate": self.rate, **self.latency.as_json(), "drain_seconds": self.drain_seconds}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +129,8 @@ class MemoryFigures:
     soak_writes: int
     soak_reads: Latency
     """The reads made back to back during the soak, beside the writes."""
+    rss_samples: tuple[tuple[float, int], ...]
+    """``VmRSS`` through the soak: (seconds since it began, bytes)."""
 
     @property
     def drift(self) -> int:
@@ -124,6 +150,7 @@ class MemoryFigures:
             "soak_seconds": self.soak_seconds,
             "soak_writes": self.soak_writes,
             "soak_reads": self.soak_reads.as_json(),
+            "rss_samples": [list(sample) for sample in self.rss_samples],
             "drift": self.drift,
             "flat": self.flat,
         }
@@ -167,9 +194,8 @@ class BenchReport:
     workers: int
     """Processes of the optional multi-worker run (1: not run)."""
     worker_writes_many: Rate | None
-    latency_rate: float
-    """Writes per second published in the latency phase (half the measured maximum)."""
-    write_latency: WriteLatency
+    write_latency: tuple[WriteLatency, ...]
+    """Publish-to-commit through the worker at one or more paced rates, the lowest first."""
     reads: dict[str, ReadFigures]
     memory: MemoryFigures
 
@@ -220,7 +246,6 @@ class BenchReport:
 
     def table(self) -> str:
         concurrency = self.sizes["read_concurrency"]
-        latency = self.write_latency.latency
         rows: list[tuple[str, str, str]] = [
             ("WRITES", "", ""),
             ("ceiling: publish (confirms)", _rate(self.ceiling_publish), "msg/s"),
@@ -234,19 +259,8 @@ class BenchReport:
             rows.append(
                 (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
             )
-        rows += [
-            (
-                f"publish-to-commit at {self.latency_rate:,.0f}/s",
-                f"p50 {latency.p50_ms:.1f}  p99 {latency.p99_ms:.1f}",
-                "ms",
-            ),
-            (
-                "  last publish to last commit",
-                f"{self.write_latency.drain_seconds * 1000:.1f}",
-                "ms",
-            ),
-            ("READS", "", ""),
-        ]
+        rows += _latency_rows("", self.write_latency, self.worker_writes)
+        rows.append(("READS", "", ""))
         for key, name in _READ_TITLES.items():
             figures = self.reads[key]
             title = f"{name} of {self.sizes['get_many_keys']}" if key == WORKER_GET_MANY else name
@@ -314,14 +328,35 @@ class BenchReport:
             "worker_writes_many": (
                 None if self.worker_writes_many is None else self.worker_writes_many.as_json()
             ),
-            "write_latency": {"rate": self.latency_rate, **self.write_latency.as_json()},
+            "write_latency": [point.as_json() for point in self.write_latency],
             "reads": {key: figures.as_json() for key, figures in self.reads.items()},
             "memory": self.memory.as_json(),
             "ratios": {
                 ratio.name: {"value": ratio.value, "target": ratio.target}
                 for ratio in self.ratios()
             },
+            "quantiles": list(QUANTILES),
         }
+
+
+def _latency_rows(
+    title: str, points: Sequence[WriteLatency], maximum: Rate
+) -> list[tuple[str, str, str]]:
+    """Two rows per paced rate: its publish-to-commit percentiles, and how far behind it left
+    the consumer."""
+    rows = []
+    for point in points:
+        latency = point.latency
+        share = point.rate / maximum.per_second
+        rows += [
+            (
+                f"{title}publish-to-commit at {point.rate:,.0f}/s ({share:.0%} of max)",
+                f"p50 {latency.p50_ms:.1f}  p99 {latency.p99_ms:.1f}",
+                "ms",
+            ),
+            ("  last publish to last commit", f"{point.drain_seconds * 1000:.1f}", "ms"),
+        ]
+    return rows
 
 
 def _rate(rate: Rate) -> str:

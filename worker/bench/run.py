@@ -4,7 +4,7 @@
 2. naive baseline: one upsert, one transaction, one ack per message;
 3. (with ``workers`` > 1) the write throughput of that many fresh workers;
 4. the write throughput of one fresh worker, which then stays up for the rest:
-5. its publish-to-commit latency at half the rate it just reached;
+5. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
 6. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
 7. memory: its peak so far, then a soak of steady mixed load.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
@@ -24,6 +24,9 @@ from worker.bench.report import BenchReport
 from worker.bench.workload import WriteStream, entry_names
 from worker.bench.writes import measure_latency, measure_throughput
 from worker.config import Settings
+
+LATENCY_FRACTIONS: Final = (0.5,)
+"""The paced rates of the latency phases, as fractions of the measured maximum."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,7 @@ class Sizes:
     workers: int = 1
     """Worker processes of the extra multi-worker throughput run (1: none)."""
     latency_seconds: float = 10.0
-    """How long writes are paced at half the maximum rate for the latency."""
+    """How long writes are paced at each rate of the latency phase."""
     read_seconds: float = 5.0
     """How long each read measurement lasts (after a warm-up)."""
     read_concurrency: int = 128
@@ -94,10 +97,17 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         stream = WriteStream(plugin, sizes.writes, entries, seed=4)
         run = await measure_throughput(env, stream, 1, bar)
         worker = run.workers[0]
-        half_rate = run.rate.per_second / 2
-        latency = await measure_latency(
-            env, worker, await env.add_plugin("latency"), half_rate, sizes.latency_seconds, bar
-        )
+        latency = [
+            await measure_latency(
+                env,
+                worker,
+                await env.add_plugin(f"latency-{fraction}"),
+                run.rate.per_second * fraction,
+                sizes.latency_seconds,
+                bar,
+            )
+            for fraction in LATENCY_FRACTIONS
+        ]
         reads = await measure_reads(
             env,
             worker,
@@ -114,7 +124,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             run.started_rss,
             plugin,
             entries,
-            half_rate,
+            run.rate.per_second / 2,
             sizes.soak_read_concurrency,
             sizes.soak_seconds,
             bar,
@@ -131,8 +141,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         worker_cpu_per_write=run.cpu_seconds / run.rate.count,
         workers=sizes.workers,
         worker_writes_many=many,
-        latency_rate=half_rate,
-        write_latency=latency,
+        write_latency=tuple(latency),
         reads=reads,
         memory=memory,
     )

@@ -183,4 +183,4 @@ async def measure_latency(
             raise BenchError("a latency write committed without a commit notification")
         latencies.append(commits[at] - published[row["state_key"]])
         last_commit = max(last_commit, commits[at])
-    return WriteLatency(Latency.of(latencies), last_commit - max(published.values()))
+    return WriteLatency(rate, Latency.of(latencies), last_commit - max(published.values()))

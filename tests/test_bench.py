@@ -23,6 +23,8 @@ from .services import ServiceUrls
 EVERY_RATIO = (
     "write throughput / ceiling",
     "write throughput / naive baseline",
+    "write throughput / FastStream subscriber",
+    "write throughput / direct upserts",
     "get p50 / raw RPC round trip p50",
     "get throughput / RPC ceiling",
     "peak RSS (MB)",
@@ -90,6 +92,15 @@ async def test_small_bench_reports_every_figure_and_cleans_up(
         assert point["count"] > 0
         assert len(point["quantiles_ms"]) == len(report["quantiles"])
     assert len(report["memory"]["rss_samples"]) > 0
+    assert set(report["peers"]) == {"faststream", "direct"}
+    for peer in report["peers"].values():
+        assert peer["writes"]["count"] > 0
+        assert peer["title"] in result.output
+    # The FastStream subscriber is paced at the same fractions of its maximum as the worker.
+    subscriber_latency = report["peers"]["faststream"]["write_latency"]
+    assert len(subscriber_latency) == len(report["write_latency"])
+    assert all(point["count"] > 0 for point in subscriber_latency)
+    assert report["peers"]["direct"]["statement_latency"]["count"] > 0
     for server in report["reads"].values():
         assert server["latency"]["count"] > 0
         assert server["throughput"]["count"] > 0

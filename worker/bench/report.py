@@ -156,6 +156,43 @@ class MemoryFigures:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class PeerFigures:
+    """What a user would run instead of the worker, over a write stream like the worker's."""
+
+    title: str
+    """Its name in the table and the charts, with its settings."""
+    settings: dict[str, Any]
+    writes: Rate
+    cpu_per_write: float
+    """CPU seconds per write of the process that applied them (Postgres' own not counted)."""
+    write_latency: tuple[WriteLatency, ...] = ()
+    """Publish-to-commit at paced rates, the lowest first (a peer behind a queue)."""
+    statement_latency: Latency | None = None
+    """Each statement's round trip under the full load (a peer without a queue)."""
+
+    def as_json(self) -> dict[str, Any]:
+        statement = self.statement_latency
+        return {
+            "title": self.title,
+            "settings": self.settings,
+            "writes": self.writes.as_json(),
+            "cpu_per_write": self.cpu_per_write,
+            "write_latency": [point.as_json() for point in self.write_latency],
+            "statement_latency": None if statement is None else statement.as_json(),
+        }
+
+
+# The peers, by the key the report uses for them, with the ratio of the worker's write
+# throughput to theirs and its target.
+FASTSTREAM: Final = "faststream"
+DIRECT: Final = "direct"
+
+_PEER_RATIOS: Final = {
+    FASTSTREAM: ("write throughput / FastStream subscriber", ">= 3"),
+    DIRECT: ("write throughput / direct upserts", ">= 1"),
+}
+
 # The read servers, by the key the report uses for them.
 RPC_CEILING: Final = "rpc_ceiling"
 RAW_SELECT: Final = "raw_select"
@@ -196,6 +233,7 @@ class BenchReport:
     worker_writes_many: Rate | None
     write_latency: tuple[WriteLatency, ...]
     """Publish-to-commit through the worker at one or more paced rates, the lowest first."""
+    peers: dict[str, PeerFigures]
     reads: dict[str, ReadFigures]
     memory: MemoryFigures
 
@@ -216,6 +254,16 @@ class BenchReport:
                 self.worker_writes.per_second / self.baseline.per_second,
                 ">= 3",
                 f"{self.worker_writes.per_second:,.0f} / {self.baseline.per_second:,.0f}",
+            ),
+            *(
+                Ratio(
+                    name,
+                    self.worker_writes.per_second / self.peers[key].writes.per_second,
+                    target,
+                    f"{self.worker_writes.per_second:,.0f} / "
+                    f"{self.peers[key].writes.per_second:,.0f}",
+                )
+                for key, (name, target) in _PEER_RATIOS.items()
             ),
             Ratio(
                 "get p50 / raw RPC round trip p50",
@@ -252,6 +300,23 @@ class BenchReport:
             ("ceiling: consume (ack multiple)", _rate(self.ceiling_consume), "msg/s"),
             ("ceiling: consumer CPU per message", _micros(self.ceiling_cpu_per_message), "us"),
             ("naive baseline", _rate(self.baseline), "writes/s"),
+        ]
+        for peer in self.peers.values():
+            rows += [
+                (peer.title, _rate(peer.writes), "writes/s"),
+                ("  CPU per write", _micros(peer.cpu_per_write), "us"),
+            ]
+            if peer.statement_latency is not None:
+                latency = peer.statement_latency
+                rows.append(
+                    (
+                        "  per-statement round trip",
+                        f"p50 {latency.p50_ms:.2f}  p99 {latency.p99_ms:.2f}",
+                        "ms",
+                    )
+                )
+            rows += _latency_rows("  ", peer.write_latency, peer.writes)
+        rows += [
             ("worker, 1 process", _rate(self.worker_writes), "writes/s"),
             ("worker CPU per write", _micros(self.worker_cpu_per_write), "us"),
         ]
@@ -329,6 +394,7 @@ class BenchReport:
                 None if self.worker_writes_many is None else self.worker_writes_many.as_json()
             ),
             "write_latency": [point.as_json() for point in self.write_latency],
+            "peers": {key: peer.as_json() for key, peer in self.peers.items()},
             "reads": {key: figures.as_json() for key, figures in self.reads.items()},
             "memory": self.memory.as_json(),
             "ratios": {
@@ -342,8 +408,8 @@ class BenchReport:
 def _latency_rows(
     title: str, points: Sequence[WriteLatency], maximum: Rate
 ) -> list[tuple[str, str, str]]:
-    """Two rows per paced rate: its publish-to-commit percentiles, and how far behind it left
-    the consumer."""
+    """Two rows per paced rate, their names after ``title``: its publish-to-commit
+    percentiles, and how far behind it left the consumer."""
     rows = []
     for point in points:
         latency = point.latency
@@ -354,7 +420,7 @@ def _latency_rows(
                 f"p50 {latency.p50_ms:.1f}  p99 {latency.p99_ms:.1f}",
                 "ms",
             ),
-            ("  last publish to last commit", f"{point.drain_seconds * 1000:.1f}", "ms"),
+            (f"{title}  last publish to last commit", f"{point.drain_seconds * 1000:.1f}", "ms"),
         ]
     return rows
 

@@ -2,11 +2,13 @@
 
 1. ceiling: raw aio-pika through a quorum queue, no database;
 2. naive baseline: one upsert, one transaction, one ack per message;
-3. (with ``workers`` > 1) the write throughput of that many fresh workers;
-4. the write throughput of one fresh worker, which then stays up for the rest:
-5. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
-6. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
-7. memory: its peak so far, then a soak of steady mixed load.
+3. the peers: a FastStream subscriber (throughput, then its publish-to-commit latency), and
+   the same writes upserted straight into Postgres, no queue;
+4. (with ``workers`` > 1) the write throughput of that many fresh workers;
+5. the write throughput of one fresh worker, which then stays up for the rest:
+6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
+7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
+8. memory: its peak so far, then a soak of steady mixed load.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
 from worker.bench.harness import bench_env
 from worker.bench.memory import soak
+from worker.bench.peers import measure_direct, measure_faststream
 from worker.bench.reads import measure_reads
-from worker.bench.report import BenchReport
+from worker.bench.report import DIRECT, FASTSTREAM, BenchReport
 from worker.bench.workload import WriteStream, entry_names
 from worker.bench.writes import measure_latency, measure_throughput
 from worker.config import Settings
@@ -37,6 +40,8 @@ class Sizes:
     """Writes pre-filled for each worker throughput run."""
     baseline_writes: int = 10_000
     """Writes for the naive baseline (it is slow: one commit each)."""
+    peer_writes: int = 20_000
+    """Writes for each peer: the FastStream subscriber and the direct upserts."""
     entries: int = 10_000
     """Distinct entries the writes go to (and the reads read)."""
     workers: int = 1
@@ -59,6 +64,7 @@ SMALL = Sizes(
     messages=2_000,
     writes=2_000,
     baseline_writes=300,
+    peer_writes=300,
     entries=500,
     latency_seconds=1.0,
     read_seconds=0.5,
@@ -83,6 +89,16 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         baseline_plugin = await env.add_plugin("baseline")
         naive = WriteStream(baseline_plugin, sizes.baseline_writes, entries, seed=2)
         baseline = await measure_baseline(env, naive.bodies, bar)
+        subscribed = WriteStream(
+            await env.add_plugin("faststream"), sizes.peer_writes, entries, seed=7
+        )
+        direct = WriteStream(await env.add_plugin("direct"), sizes.peer_writes, entries, seed=8)
+        peers = {
+            FASTSTREAM: await measure_faststream(
+                env, subscribed, LATENCY_FRACTIONS, sizes.latency_seconds, bar
+            ),
+            DIRECT: await measure_direct(env, direct, bar),
+        }
 
         many = None
         if sizes.workers > 1:
@@ -142,6 +158,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         workers=sizes.workers,
         worker_writes_many=many,
         write_latency=tuple(latency),
+        peers=peers,
         reads=reads,
         memory=memory,
     )

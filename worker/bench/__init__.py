@@ -18,4 +18,5 @@ Each module owns one part, in the order a run goes through them:
 | ``reads`` | one RPC client loop against the reference servers and the worker |
 | ``memory`` | the worker's resident memory at full load and through a soak |
 | ``report`` | the figures, the ratios the targets name, the table and the JSON |
+| ``plots`` | the PNG charts of ``--plot`` |
 """

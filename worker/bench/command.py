@@ -53,6 +53,12 @@ from worker.config import Settings
     help="Also write every figure to FILE as JSON.",
 )
 @click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, writable=True, path_type=Path),
+    help="Also draw the figures as PNG charts into DIR (created if missing).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Progress bars on stderr (default: when stderr is a terminal).",
@@ -63,6 +69,7 @@ def bench(
     /,
     small: bool,
     json_path: Path | None,
+    plot_dir: Path | None,
     progress: bool | None,
     **flags: Any,
 ) -> None:
@@ -75,6 +82,8 @@ def bench(
     from worker.cli import run_async  # noqa: PLC0415 - worker.cli registers this command
 
     _require_extra("faststream", "the FastStream peer")
+    if plot_dir is not None:
+        _require_extra("matplotlib", "--plot")
     sizes = sizes_with(SMALL if small else Sizes(), **flags)
     try:
         report = run_async(_run_until_terminated(settings, sizes, new_progress(progress)))
@@ -85,6 +94,11 @@ def bench(
     click.echo(report.table())
     if json_path is not None:
         json_path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    if plot_dir is not None:
+        from worker.bench import plots  # noqa: PLC0415 - matplotlib only when asked for
+
+        for path in plots.draw(report, plot_dir):
+            click.echo(f"chart: {path}", err=True)
 
 
 def _require_extra(module: str, what: str) -> None:

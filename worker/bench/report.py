@@ -216,6 +216,27 @@ class Ratio:
 
 
 @dataclass(frozen=True, slots=True)
+class Throughput:
+    """One write throughput of the run, as the throughput chart shows it."""
+
+    label: str
+    rate: Rate
+    kind: str
+    """``ceiling``, ``alternative`` (what one could run instead, the naive consumer included)
+    or ``worker``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyCurve:
+    """One consumer's publish-to-commit latency at the paced rates it was measured at."""
+
+    label: str
+    maximum: Rate
+    """The throughput the paced rates are fractions of."""
+    points: tuple[WriteLatency, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class BenchReport:
     name: str
     """The run's database and topology prefix (both removed when it ended)."""
@@ -236,6 +257,46 @@ class BenchReport:
     peers: dict[str, PeerFigures]
     reads: dict[str, ReadFigures]
     memory: MemoryFigures
+
+    # What the charts of ``--plot`` draw: a phase shows in a chart by being listed here.
+
+    def throughputs(self) -> list[Throughput]:
+        """Every write throughput, in the table's order."""
+        rates = [
+            Throughput("ceiling: publish (confirms)", self.ceiling_publish, "ceiling"),
+            Throughput("ceiling: consume (ack multiple)", self.ceiling_consume, "ceiling"),
+            Throughput("naive baseline", self.baseline, "alternative"),
+            *(Throughput(peer.title, peer.writes, "alternative") for peer in self.peers.values()),
+            Throughput("worker, 1 process", self.worker_writes, "worker"),
+        ]
+        if self.worker_writes_many is not None:
+            rates.append(
+                Throughput(f"worker, {self.workers} processes", self.worker_writes_many, "worker")
+            )
+        return rates
+
+    def latency_curves(self) -> list[LatencyCurve]:
+        """Publish-to-commit against offered load, for everything measured that way."""
+        return [
+            LatencyCurve("worker, 1 process", self.worker_writes, self.write_latency),
+            *(
+                LatencyCurve(peer.title, peer.writes, peer.write_latency)
+                for peer in self.peers.values()
+                if peer.write_latency
+            ),
+        ]
+
+    def get_distributions(self) -> dict[str, Latency]:
+        """Distributions of ``get`` latency: the worker's idle, its reference, and beside
+        writes."""
+        return {
+            "worker get, idle (one caller)": self.reads[WORKER_GET].latency,
+            "raw RPC round trip (one indexed SELECT), idle": self.reads[RAW_SELECT].latency,
+            (
+                f"worker get during the soak ({self.sizes['soak_read_concurrency']} callers, "
+                "beside writes at half the maximum)"
+            ): self.memory.soak_reads,
+        }
 
     def ratios(self) -> list[Ratio]:
         get = self.reads[WORKER_GET]

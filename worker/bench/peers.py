@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -84,7 +83,7 @@ async def _latency(
 ) -> WriteLatency:
     """Publish-to-commit of ``rate`` sets per second for ``seconds`` through a fresh
     subscriber, which is consuming before the first is published."""
-    plugin_id: uuid.UUID = await env.add_plugin(f"faststream-latency-{fraction}")
+    plugin_id = await env.add_plugin(f"faststream-latency-{fraction}")
     count = paced_count(rate, seconds)
     subscriber, report_path = await _start_subscriber(env, f"faststream-latency-{fraction}", count)
     await env.wait_for_consumer(env.bench_queue_name(_QUEUE), subscriber)

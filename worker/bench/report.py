@@ -33,12 +33,8 @@ QUANTILES: Final = (*(n / 100 for n in range(100)), 0.995, 0.999, 1.0)
 """The fractions every latency keeps the distribution at (0 is the fastest, 1 the slowest)."""
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of unsorted ``values`` (``fraction`` 0.5 is the median)."""
-    return _nearest_rank(sorted(values), fraction)
-
-
-def _nearest_rank(ordered: Sequence[float], fraction: float) -> float:
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted ``ordered`` (``fraction`` 0.5 is the median)."""
     if not ordered:
         return math.nan
     return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
@@ -59,10 +55,10 @@ class Latency:
     def of(cls, seconds: Sequence[float]) -> Latency:
         ordered = sorted(seconds)
         return cls(
-            _nearest_rank(ordered, 0.5) * 1000,
-            _nearest_rank(ordered, 0.99) * 1000,
+            percentile(ordered, 0.5) * 1000,
+            percentile(ordered, 0.99) * 1000,
             len(ordered),
-            tuple(_nearest_rank(ordered, q) * 1000 for q in QUANTILES) if ordered else (),
+            tuple(percentile(ordered, q) * 1000 for q in QUANTILES) if ordered else (),
         )
 
     def as_json(self) -> dict[str, Any]:

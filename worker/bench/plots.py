@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from worker.bench.report import MB, QUANTILES, BenchReport
+from worker.bench.report import MB, QUANTILES, BenchReport, Latency
 
 _DPI: Final = 120
 _KIND_COLORS: Final = {"ceiling": "#9e9e9e", "alternative": "#e08a2c", "worker": "#2f6db5"}
@@ -29,6 +29,11 @@ _KIND_NAMES: Final = {
     "worker": "plugin-state-worker",
 }
 _SERIES_COLORS: Final = ("#2f6db5", "#e08a2c", "#3c9a4f", "#b5412f", "#7b55b5")
+# The percentiles of a latency curve: the median solid, the tail dashed.
+_PERCENTILES: Final[tuple[tuple[str, str, Callable[[Latency], float]], ...]] = (
+    ("p50", "o-", lambda latency: latency.p50_ms),
+    ("p99", "s--", lambda latency: latency.p99_ms),
+)
 
 
 def _figure(height: float = 5.0) -> tuple[Figure, Axes]:
@@ -71,22 +76,17 @@ def _throughput(report: BenchReport) -> Figure:
 
 def _write_latency(report: BenchReport) -> Figure:
     figure, axes = _figure()
-    for curve, color in zip(report.latency_curves(), _SERIES_COLORS, strict=False):
+    curves = report.latency_curves()
+    for curve, color in zip(curves, _SERIES_COLORS, strict=False):
         rates = [point.rate for point in curve.points]
-        axes.plot(
-            rates,
-            [point.latency.p50_ms for point in curve.points],
-            "o-",
-            color=color,
-            label=f"{curve.label}: p50",
-        )
-        axes.plot(
-            rates,
-            [point.latency.p99_ms for point in curve.points],
-            "s--",
-            color=color,
-            label=f"{curve.label}: p99",
-        )
+        for name, style, percentile in _PERCENTILES:
+            axes.plot(
+                rates,
+                [percentile(point.latency) for point in curve.points],
+                style,
+                color=color,
+                label=f"{curve.label}: {name}",
+            )
         for point in curve.points:
             axes.annotate(
                 f"{point.rate / curve.maximum.per_second:.0%} of max",
@@ -97,7 +97,9 @@ def _write_latency(report: BenchReport) -> Figure:
                 color=color,
             )
     axes.set_yscale("log")
-    axes.set_xlim(left=0)
+    # Room on the right for the last point's label.
+    fastest = max((point.rate for curve in curves for point in curve.points), default=1.0)
+    axes.set_xlim(0, fastest * 1.15)
     axes.set_title("Publish-to-commit latency against offered load (paced writes)")
     axes.set_xlabel("offered load (writes per second)")
     axes.set_ylabel("publish-to-commit (ms, log scale)")

@@ -22,7 +22,7 @@ from worker.bench.harness import BenchEnv, Process
 from worker.bench.reads import RpcClient, closed_loop
 from worker.bench.report import Latency, MemoryFigures
 from worker.bench.workload import DELETE_SHARE, EntryName, get_body, write_body
-from worker.bench.writes import publish_paced
+from worker.bench.writes import paced_count, publish_paced
 from worker.client import MonotonicUuid7
 
 
@@ -41,7 +41,7 @@ async def soak(
     rng = random.Random(6)
     new_id = MonotonicUuid7()
     routing_key = env.names.command_key(plugin_id)
-    count = max(1, round(write_rate * seconds))
+    count = paced_count(write_rate, seconds)
     interval = min(1.0, seconds / 20)
     samples: list[tuple[float, int]] = []
 

@@ -1,5 +1,5 @@
-"""The worker's peers: what a user would run instead of it, over a write stream like its own
-(the same mix of sets and deletes over the same entries, for a plugin of their own), into the
+"""The worker's peers: what a user would run instead of it, over the start of its own write
+stream (the same sets and deletes of the same entries, for a plugin of their own), into the
 same table, with the naive baseline's last-writer-wins statements (``baseline.NAIVE_UPSERT``,
 ``NAIVE_DELETE``: no tombstones, so unlike the worker they let an older set resurrect a
 deleted entry).

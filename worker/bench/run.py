@@ -30,6 +30,9 @@ from worker.config import Settings
 
 LATENCY_FRACTIONS: Final = (0.5,)
 """The paced rates of the latency phases, as fractions of the measured maximum."""
+_WRITES_SEED: Final = 4
+"""The worker's write stream; the peers get its first ``peer_writes`` writes (the same
+operations on the same entries with the same values, for plugins of their own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +93,11 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         naive = WriteStream(baseline_plugin, sizes.baseline_writes, entries, seed=2)
         baseline = await measure_baseline(env, naive.bodies, bar)
         subscribed = WriteStream(
-            await env.add_plugin("faststream"), sizes.peer_writes, entries, seed=7
+            await env.add_plugin("faststream"), sizes.peer_writes, entries, _WRITES_SEED
         )
-        direct = WriteStream(await env.add_plugin("direct"), sizes.peer_writes, entries, seed=8)
+        direct = WriteStream(
+            await env.add_plugin("direct"), sizes.peer_writes, entries, _WRITES_SEED
+        )
         peers = {
             FASTSTREAM: await measure_faststream(
                 env, subscribed, LATENCY_FRACTIONS, sizes.latency_seconds, bar
@@ -110,7 +115,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             many = run.rate
 
         plugin = await env.add_plugin("writes")
-        stream = WriteStream(plugin, sizes.writes, entries, seed=4)
+        stream = WriteStream(plugin, sizes.writes, entries, _WRITES_SEED)
         run = await measure_throughput(env, stream, 1, bar)
         worker = run.workers[0]
         latency = [

@@ -41,7 +41,7 @@ from pydantic import BaseModel
 from worker.bench.baseline import NAIVE_DELETE, NAIVE_UPSERT
 
 PREFETCH: Final = 100
-"""Unacknowledged messages at once, so handlers at once (RabbitMQ's docs suggest 100 to 300)."""
+"""Unacknowledged messages, so handlers running, at once (RabbitMQ suggests 100 to 300)."""
 POOL_SIZE: Final = 10
 """asyncpg's default ``max_size``: what ``asyncpg.create_pool(url)`` gives."""
 

@@ -1,11 +1,13 @@
-"""`plugin-state-worker bench --small` end to end: it completes, reports every figure, and
-leaves nothing behind. The figures' values are the machine's business, not the test's."""
+"""`plugin-state-worker bench --small` end to end: it completes, reports every figure, draws
+every chart, and leaves nothing behind. The figures' values are the machine's business, not
+the test's."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import asyncpg
 import click
 from click.testing import CliRunner
 
+from worker.bench import plots
 from worker.bench.command import register
 from worker.bench.harness import NAME_PREFIX
 from worker.config import Settings
@@ -23,6 +26,8 @@ from .services import ServiceUrls
 EVERY_RATIO = (
     "write throughput / ceiling",
     "write throughput / naive baseline",
+    "write throughput / FastStream subscriber",
+    "write throughput / direct upserts",
     "get p50 / raw RPC round trip p50",
     "get throughput / RPC ceiling",
     "peak RSS (MB)",
@@ -48,6 +53,15 @@ def numbers(tree: Any, path: str = "") -> dict[str, float]:
     return {}
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the header of a PNG file, which it must be."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    assert header[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", header[16:24])
+    return width, height
+
+
 async def bench_databases(admin_url: str) -> list[str]:
     conn = await asyncpg.connect(admin_url)
     try:
@@ -59,16 +73,17 @@ async def bench_databases(admin_url: str) -> list[str]:
     return [row["datname"] for row in rows]
 
 
-async def test_small_bench_reports_every_figure_and_cleans_up(
+async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     services: ServiceUrls, tmp_path: Path
 ) -> None:
     settings = Settings(database_url=services.admin_database_url, amqp_url=services.amqp_url)
     report_path = tmp_path / "bench.json"
+    charts = tmp_path / "charts"
 
     result = await asyncio.to_thread(
         CliRunner().invoke,
         console(),
-        ["bench", "--small", "--workers", "2", "--json", str(report_path)],
+        ["bench", "--small", "--workers", "2", "--json", str(report_path), "--plot", str(charts)],
         obj=settings,
     )
 
@@ -85,10 +100,29 @@ async def test_small_bench_reports_every_figure_and_cleans_up(
     assert len(figures) > 50
     assert all(math.isfinite(value) for value in figures.values()), figures
     assert report["memory"]["peak_rss"] > 0
-    assert report["write_latency"]["count"] > 0
+    assert report["write_latency"]
+    for point in report["write_latency"]:
+        assert point["count"] > 0
+        assert len(point["quantiles_ms"]) == len(report["quantiles"])
+    assert len(report["memory"]["rss_samples"]) > 0
+    assert set(report["peers"]) == {"faststream", "direct"}
+    for peer in report["peers"].values():
+        assert peer["writes"]["count"] > 0
+        assert peer["title"] in result.output
+    # The FastStream subscriber is paced at the same fractions of its maximum as the worker.
+    subscriber_latency = report["peers"]["faststream"]["write_latency"]
+    assert len(subscriber_latency) == len(report["write_latency"])
+    assert all(point["count"] > 0 for point in subscriber_latency)
+    assert report["peers"]["direct"]["statement_latency"]["count"] > 0
     for server in report["reads"].values():
         assert server["latency"]["count"] > 0
         assert server["throughput"]["count"] > 0
+
+    # Every chart is drawn, as a picture of a readable size.
+    assert {path.name for path in charts.iterdir()} == set(plots.CHARTS)
+    for path in charts.iterdir():
+        width, height = png_size(path)
+        assert width >= 600 and height >= 300, (path.name, width, height)
 
     # Its own database and topology are gone.
     assert report["name"].startswith(NAME_PREFIX)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import signal
 from collections.abc import Callable
@@ -24,6 +25,11 @@ from worker.config import Settings
 @click.option("--writes", type=click.IntRange(min=1), help="Writes per worker run [50000].")
 @click.option(
     "--baseline-writes", type=click.IntRange(min=1), help="Naive baseline writes [10000]."
+)
+@click.option(
+    "--peer-writes",
+    type=click.IntRange(min=1),
+    help="Writes for the FastStream subscriber and for the direct upserts [20000].",
 )
 @click.option("--entries", type=click.IntRange(min=1), help="Distinct entries written [10000].")
 @click.option(
@@ -47,6 +53,12 @@ from worker.config import Settings
     help="Also write every figure to FILE as JSON.",
 )
 @click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, writable=True, path_type=Path),
+    help="Also draw the figures as PNG charts into DIR (created if missing).",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Progress bars on stderr (default: when stderr is a terminal).",
@@ -57,16 +69,21 @@ def bench(
     /,
     small: bool,
     json_path: Path | None,
+    plot_dir: Path | None,
     progress: bool | None,
     **flags: Any,
 ) -> None:
-    """Measure the worker against raw RabbitMQ, a naive consumer and raw RPC servers.
+    """Measure the worker against raw RabbitMQ, a naive consumer, a FastStream subscriber,
+    direct upserts and raw RPC servers.
 
     Uses a database and a topology prefix of its own (pstest_bench_<random>, on the
     configured Postgres and RabbitMQ), and removes both afterwards.
     """
     from worker.cli import run_async  # noqa: PLC0415 - worker.cli registers this command
 
+    _require_extra("faststream", "the FastStream peer")
+    if plot_dir is not None:
+        _require_extra("matplotlib", "--plot")
     sizes = sizes_with(SMALL if small else Sizes(), **flags)
     try:
         report = run_async(_run_until_terminated(settings, sizes, new_progress(progress)))
@@ -77,6 +94,19 @@ def bench(
     click.echo(report.table())
     if json_path is not None:
         json_path.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    if plot_dir is not None:
+        from worker.bench import plots  # noqa: PLC0415 - matplotlib only when asked for
+
+        for path in plots.draw(report, plot_dir):
+            click.echo(f"chart: {path}", err=True)
+
+
+def _require_extra(module: str, what: str) -> None:
+    """Refuse at once, not after minutes of measuring, when the ``bench`` extra is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise click.ClickException(
+            f"{what} needs {module}: pip install 'plugin-state-worker[bench]'"
+        )
 
 
 async def _run_until_terminated(

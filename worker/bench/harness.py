@@ -195,6 +195,16 @@ class BenchEnv:
         result = queue.declaration_result
         return result.message_count or 0, result.consumer_count or 0
 
+    async def wait_for_consumer(self, queue_name: str, process: Process) -> None:
+        """Until ``process`` (started to consume ``queue_name``) has subscribed."""
+
+        async def consuming() -> bool:
+            return (await self.queue_counts(queue_name))[1] > 0
+
+        await wait_for(
+            consuming, timeout=60, what=f"{process.name} to consume", alive=process.check_alive
+        )
+
     def message(self, body: bytes, **properties: Any) -> aio_pika.Message:
         return aio_pika.Message(
             body,

@@ -4,7 +4,8 @@ Read from ``/proc/<pid>/status``: ``VmRSS`` (now) and ``VmHWM`` (the high-water 
 the process's life). The soak keeps a steady mixed load on the worker for a while (paced
 writes, mixed sets and deletes over the bench's entries, at half the measured maximum
 rate, and a few callers reading back to back) and samples ``VmRSS`` every second; the
-medians of its first and last fifths tell whether memory stayed flat.
+medians of its first and last fifths tell whether memory stayed flat, and the report keeps
+every sample for the chart of ``--plot``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +22,7 @@ from worker.bench.harness import BenchEnv, Process
 from worker.bench.reads import RpcClient, closed_loop
 from worker.bench.report import Latency, MemoryFigures
 from worker.bench.workload import DELETE_SHARE, EntryName, get_body, write_body
-from worker.bench.writes import publish_paced
+from worker.bench.writes import paced_count, publish_paced
 from worker.client import MonotonicUuid7
 
 
@@ -39,9 +41,9 @@ async def soak(
     rng = random.Random(6)
     new_id = MonotonicUuid7()
     routing_key = env.names.command_key(plugin_id)
-    count = max(1, round(write_rate * seconds))
+    count = paced_count(write_rate, seconds)
     interval = min(1.0, seconds / 20)
-    samples: list[int] = []
+    samples: list[tuple[float, int]] = []
 
     async def write(n: int) -> None:
         op = "delete" if rng.random() < DELETE_SHARE else "set"
@@ -49,9 +51,10 @@ async def soak(
         await env.exchange.publish(env.message(body), routing_key)
 
     async def sample(done: asyncio.Event) -> None:
+        began = time.monotonic()
         while not done.is_set():
             worker.check_alive()
-            samples.append(worker.resident().rss)
+            samples.append((time.monotonic() - began, worker.resident().rss))
             try:
                 async with asyncio.timeout(interval):
                     await done.wait()
@@ -70,12 +73,14 @@ async def soak(
         await reads
         done.set()
     fifth = max(1, len(samples) // 5)
+    rss = [resident for _, resident in samples]
     return MemoryFigures(
         started_rss=started_rss,
         peak_rss=worker.resident().peak,
-        soak_start_rss=int(statistics.median(samples[:fifth])),
-        soak_end_rss=int(statistics.median(samples[-fifth:])),
+        soak_start_rss=int(statistics.median(rss[:fifth])),
+        soak_end_rss=int(statistics.median(rss[-fifth:])),
         soak_seconds=seconds,
         soak_writes=count,
         soak_reads=Latency.of(reads.result().latencies),
+        rss_samples=tuple(samples),
     )

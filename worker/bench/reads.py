@@ -27,7 +27,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
-from worker.bench.harness import APPLICATION_NAME, BenchEnv, Process, wait_for
+from worker.bench.harness import APPLICATION_NAME, BenchEnv, Process
 from worker.bench.report import (
     RAW_SELECT,
     RPC_CEILING,
@@ -190,11 +190,7 @@ async def _reference_server(env: BenchEnv, kind: str) -> tuple[Process, str]:
         ],
         env.worker_environment(),
     )
-
-    async def consuming() -> bool:
-        return (await env.queue_counts(queue.name))[1] > 0
-
-    await wait_for(consuming, timeout=60, what=f"the {kind} server", alive=server.check_alive)
+    await env.wait_for_consumer(queue.name, server)
     return server, f"{kind}.x"
 
 

@@ -29,13 +29,15 @@ class Rate:
         return {"count": self.count, "seconds": self.seconds, "per_second": self.per_second}
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of unsorted ``values`` (``fraction`` 0.5 is the median)."""
-    if not values:
+QUANTILES: Final = (*(n / 100 for n in range(100)), 0.995, 0.999, 1.0)
+"""The fractions every latency keeps the distribution at (0 is the fastest, 1 the slowest)."""
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted ``ordered`` (``fraction`` 0.5 is the median)."""
+    if not ordered:
         return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,25 +47,43 @@ class Latency:
     p50_ms: float
     p99_ms: float
     count: int
+    quantiles_ms: tuple[float, ...] = ()
+    """The sample's distribution: its value at each of ``QUANTILES`` (none when empty), so
+    that a chart can draw it without the raw sample."""
 
     @classmethod
     def of(cls, seconds: Sequence[float]) -> Latency:
-        return cls(percentile(seconds, 0.5) * 1000, percentile(seconds, 0.99) * 1000, len(seconds))
+        ordered = sorted(seconds)
+        return cls(
+            percentile(ordered, 0.5) * 1000,
+            percentile(ordered, 0.99) * 1000,
+            len(ordered),
+            tuple(percentile(ordered, q) * 1000 for q in QUANTILES) if ordered else (),
+        )
 
-    def as_json(self) -> dict[str, float]:
-        return {"p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "count": self.count}
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "count": self.count,
+            "quantiles_ms": list(self.quantiles_ms),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class WriteLatency:
+    """Publish-to-commit latency of writes paced at one rate."""
+
+    rate: float
+    """Writes per second published (a fraction of the measured maximum)."""
     latency: Latency
     """Publish-to-commit, per write."""
     drain_seconds: float
-    """From the last publish to the last commit: about one batch when the worker kept up
+    """From the last publish to the last commit: about one batch when the consumer kept up
     with the pace, the backlog it accumulated when it did not."""
 
-    def as_json(self) -> dict[str, float]:
-        return {**self.latency.as_json(), "drain_seconds": self.drain_seconds}
+    def as_json(self) -> dict[str, Any]:
+        return {"rate": self.rate, **self.latency.as_json(), "drain_seconds": self.drain_seconds}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +125,8 @@ class MemoryFigures:
     soak_writes: int
     soak_reads: Latency
     """The reads made back to back during the soak, beside the writes."""
+    rss_samples: tuple[tuple[float, int], ...]
+    """``VmRSS`` through the soak: (seconds since it began, bytes)."""
 
     @property
     def drift(self) -> int:
@@ -124,10 +146,48 @@ class MemoryFigures:
             "soak_seconds": self.soak_seconds,
             "soak_writes": self.soak_writes,
             "soak_reads": self.soak_reads.as_json(),
+            "rss_samples": [list(sample) for sample in self.rss_samples],
             "drift": self.drift,
             "flat": self.flat,
         }
 
+
+@dataclass(frozen=True, slots=True)
+class PeerFigures:
+    """What a user would run instead of the worker, over a write stream like the worker's."""
+
+    title: str
+    """Its name in the table and the charts, with its settings."""
+    settings: dict[str, Any]
+    writes: Rate
+    cpu_per_write: float
+    """CPU seconds per write of the process that applied them (Postgres' own not counted)."""
+    write_latency: tuple[WriteLatency, ...] = ()
+    """Publish-to-commit at paced rates, the lowest first (a peer behind a queue)."""
+    statement_latency: Latency | None = None
+    """Each statement's round trip under the full load (a peer without a queue)."""
+
+    def as_json(self) -> dict[str, Any]:
+        statement = self.statement_latency
+        return {
+            "title": self.title,
+            "settings": self.settings,
+            "writes": self.writes.as_json(),
+            "cpu_per_write": self.cpu_per_write,
+            "write_latency": [point.as_json() for point in self.write_latency],
+            "statement_latency": None if statement is None else statement.as_json(),
+        }
+
+
+# The peers, by the key the report uses for them, with the ratio of the worker's write
+# throughput to theirs and its target.
+FASTSTREAM: Final = "faststream"
+DIRECT: Final = "direct"
+
+_PEER_RATIOS: Final = {
+    FASTSTREAM: ("write throughput / FastStream subscriber", ">= 3"),
+    DIRECT: ("write throughput / direct upserts", ">= 1"),
+}
 
 # The read servers, by the key the report uses for them.
 RPC_CEILING: Final = "rpc_ceiling"
@@ -152,6 +212,27 @@ class Ratio:
 
 
 @dataclass(frozen=True, slots=True)
+class Throughput:
+    """One write throughput of the run, as the throughput chart shows it."""
+
+    label: str
+    rate: Rate
+    kind: str
+    """``ceiling``, ``alternative`` (what one could run instead, the naive consumer included)
+    or ``worker``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyCurve:
+    """One consumer's publish-to-commit latency at the paced rates it was measured at."""
+
+    label: str
+    maximum: Rate
+    """The throughput the paced rates are fractions of."""
+    points: tuple[WriteLatency, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class BenchReport:
     name: str
     """The run's database and topology prefix (both removed when it ended)."""
@@ -167,11 +248,51 @@ class BenchReport:
     workers: int
     """Processes of the optional multi-worker run (1: not run)."""
     worker_writes_many: Rate | None
-    latency_rate: float
-    """Writes per second published in the latency phase (half the measured maximum)."""
-    write_latency: WriteLatency
+    write_latency: tuple[WriteLatency, ...]
+    """Publish-to-commit through the worker at one or more paced rates, the lowest first."""
+    peers: dict[str, PeerFigures]
     reads: dict[str, ReadFigures]
     memory: MemoryFigures
+
+    # What the charts of ``--plot`` draw: a phase shows in a chart by being listed here.
+
+    def throughputs(self) -> list[Throughput]:
+        """Every write throughput, in the table's order."""
+        rates = [
+            Throughput("ceiling: publish (confirms)", self.ceiling_publish, "ceiling"),
+            Throughput("ceiling: consume (ack multiple)", self.ceiling_consume, "ceiling"),
+            Throughput("naive baseline", self.baseline, "alternative"),
+            *(Throughput(peer.title, peer.writes, "alternative") for peer in self.peers.values()),
+            Throughput("worker, 1 process", self.worker_writes, "worker"),
+        ]
+        if self.worker_writes_many is not None:
+            rates.append(
+                Throughput(f"worker, {self.workers} processes", self.worker_writes_many, "worker")
+            )
+        return rates
+
+    def latency_curves(self) -> list[LatencyCurve]:
+        """Publish-to-commit against offered load, for everything measured that way."""
+        return [
+            LatencyCurve("worker, 1 process", self.worker_writes, self.write_latency),
+            *(
+                LatencyCurve(peer.title, peer.writes, peer.write_latency)
+                for peer in self.peers.values()
+                if peer.write_latency
+            ),
+        ]
+
+    def get_distributions(self) -> dict[str, Latency]:
+        """Distributions of ``get`` latency: the worker's idle, its reference, and beside
+        writes."""
+        return {
+            "worker get, idle (one caller)": self.reads[WORKER_GET].latency,
+            "raw RPC round trip (one indexed SELECT), idle": self.reads[RAW_SELECT].latency,
+            (
+                f"worker get during the soak ({self.sizes['soak_read_concurrency']} callers, "
+                "beside writes at half the maximum)"
+            ): self.memory.soak_reads,
+        }
 
     def ratios(self) -> list[Ratio]:
         get = self.reads[WORKER_GET]
@@ -190,6 +311,16 @@ class BenchReport:
                 self.worker_writes.per_second / self.baseline.per_second,
                 ">= 3",
                 f"{self.worker_writes.per_second:,.0f} / {self.baseline.per_second:,.0f}",
+            ),
+            *(
+                Ratio(
+                    name,
+                    self.worker_writes.per_second / self.peers[key].writes.per_second,
+                    target,
+                    f"{self.worker_writes.per_second:,.0f} / "
+                    f"{self.peers[key].writes.per_second:,.0f}",
+                )
+                for key, (name, target) in _PEER_RATIOS.items()
             ),
             Ratio(
                 "get p50 / raw RPC round trip p50",
@@ -220,13 +351,29 @@ class BenchReport:
 
     def table(self) -> str:
         concurrency = self.sizes["read_concurrency"]
-        latency = self.write_latency.latency
         rows: list[tuple[str, str, str]] = [
             ("WRITES", "", ""),
             ("ceiling: publish (confirms)", _rate(self.ceiling_publish), "msg/s"),
             ("ceiling: consume (ack multiple)", _rate(self.ceiling_consume), "msg/s"),
             ("ceiling: consumer CPU per message", _micros(self.ceiling_cpu_per_message), "us"),
             ("naive baseline", _rate(self.baseline), "writes/s"),
+        ]
+        for peer in self.peers.values():
+            rows += [
+                (peer.title, _rate(peer.writes), "writes/s"),
+                ("  CPU per write", _micros(peer.cpu_per_write), "us"),
+            ]
+            if peer.statement_latency is not None:
+                latency = peer.statement_latency
+                rows.append(
+                    (
+                        "  per-statement round trip",
+                        f"p50 {latency.p50_ms:.2f}  p99 {latency.p99_ms:.2f}",
+                        "ms",
+                    )
+                )
+            rows += _latency_rows("  ", peer.write_latency, peer.writes)
+        rows += [
             ("worker, 1 process", _rate(self.worker_writes), "writes/s"),
             ("worker CPU per write", _micros(self.worker_cpu_per_write), "us"),
         ]
@@ -234,19 +381,8 @@ class BenchReport:
             rows.append(
                 (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
             )
-        rows += [
-            (
-                f"publish-to-commit at {self.latency_rate:,.0f}/s",
-                f"p50 {latency.p50_ms:.1f}  p99 {latency.p99_ms:.1f}",
-                "ms",
-            ),
-            (
-                "  last publish to last commit",
-                f"{self.write_latency.drain_seconds * 1000:.1f}",
-                "ms",
-            ),
-            ("READS", "", ""),
-        ]
+        rows += _latency_rows("", self.write_latency, self.worker_writes)
+        rows.append(("READS", "", ""))
         for key, name in _READ_TITLES.items():
             figures = self.reads[key]
             title = f"{name} of {self.sizes['get_many_keys']}" if key == WORKER_GET_MANY else name
@@ -314,14 +450,36 @@ class BenchReport:
             "worker_writes_many": (
                 None if self.worker_writes_many is None else self.worker_writes_many.as_json()
             ),
-            "write_latency": {"rate": self.latency_rate, **self.write_latency.as_json()},
+            "write_latency": [point.as_json() for point in self.write_latency],
+            "peers": {key: peer.as_json() for key, peer in self.peers.items()},
             "reads": {key: figures.as_json() for key, figures in self.reads.items()},
             "memory": self.memory.as_json(),
             "ratios": {
                 ratio.name: {"value": ratio.value, "target": ratio.target}
                 for ratio in self.ratios()
             },
+            "quantiles": list(QUANTILES),
         }
+
+
+def _latency_rows(
+    title: str, points: Sequence[WriteLatency], maximum: Rate
+) -> list[tuple[str, str, str]]:
+    """Two rows per paced rate, their names after ``title``: its publish-to-commit
+    percentiles, and how far behind it left the consumer."""
+    rows = []
+    for point in points:
+        latency = point.latency
+        share = point.rate / maximum.per_second
+        rows += [
+            (
+                f"{title}publish-to-commit at {point.rate:,.0f}/s ({share:.0%} of max)",
+                f"p50 {latency.p50_ms:.1f}  p99 {latency.p99_ms:.1f}",
+                "ms",
+            ),
+            (f"{title}  last publish to last commit", f"{point.drain_seconds * 1000:.1f}", "ms"),
+        ]
+    return rows
 
 
 def _rate(rate: Rate) -> str:

@@ -2,28 +2,37 @@
 
 1. ceiling: raw aio-pika through a quorum queue, no database;
 2. naive baseline: one upsert, one transaction, one ack per message;
-3. (with ``workers`` > 1) the write throughput of that many fresh workers;
-4. the write throughput of one fresh worker, which then stays up for the rest:
-5. its publish-to-commit latency at half the rate it just reached;
-6. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
-7. memory: its peak so far, then a soak of steady mixed load.
+3. the peers: a FastStream subscriber (throughput, then its publish-to-commit latency), and
+   the same writes upserted straight into Postgres, no queue;
+4. (with ``workers`` > 1) the write throughput of that many fresh workers;
+5. the write throughput of one fresh worker, which then stays up for the rest:
+6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
+7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
+8. memory: its peak so far, then a soak of steady mixed load.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
 from worker.bench.harness import bench_env
 from worker.bench.memory import soak
+from worker.bench.peers import measure_direct, measure_faststream
 from worker.bench.reads import measure_reads
-from worker.bench.report import BenchReport
+from worker.bench.report import DIRECT, FASTSTREAM, BenchReport
 from worker.bench.workload import WriteStream, entry_names
 from worker.bench.writes import measure_latency, measure_throughput
 from worker.config import Settings
+
+LATENCY_FRACTIONS: Final = (0.5,)
+"""The paced rates of the latency phases, as fractions of the measured maximum."""
+_WRITES_SEED: Final = 4
+"""The worker's write stream; the peers get its first ``peer_writes`` writes (the same
+operations on the same entries with the same values, for plugins of their own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +43,14 @@ class Sizes:
     """Writes pre-filled for each worker throughput run."""
     baseline_writes: int = 10_000
     """Writes for the naive baseline (it is slow: one commit each)."""
+    peer_writes: int = 20_000
+    """Writes for each peer: the FastStream subscriber and the direct upserts."""
     entries: int = 10_000
     """Distinct entries the writes go to (and the reads read)."""
     workers: int = 1
     """Worker processes of the extra multi-worker throughput run (1: none)."""
     latency_seconds: float = 10.0
-    """How long writes are paced at half the maximum rate for the latency."""
+    """How long writes are paced at each rate of the latency phase."""
     read_seconds: float = 5.0
     """How long each read measurement lasts (after a warm-up)."""
     read_concurrency: int = 128
@@ -56,6 +67,7 @@ SMALL = Sizes(
     messages=2_000,
     writes=2_000,
     baseline_writes=300,
+    peer_writes=300,
     entries=500,
     latency_seconds=1.0,
     read_seconds=0.5,
@@ -80,6 +92,18 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         baseline_plugin = await env.add_plugin("baseline")
         naive = WriteStream(baseline_plugin, sizes.baseline_writes, entries, seed=2)
         baseline = await measure_baseline(env, naive.bodies, bar)
+        subscribed = WriteStream(
+            await env.add_plugin("faststream"), sizes.peer_writes, entries, _WRITES_SEED
+        )
+        direct = WriteStream(
+            await env.add_plugin("direct"), sizes.peer_writes, entries, _WRITES_SEED
+        )
+        peers = {
+            FASTSTREAM: await measure_faststream(
+                env, subscribed, LATENCY_FRACTIONS, sizes.latency_seconds, bar
+            ),
+            DIRECT: await measure_direct(env, direct, bar),
+        }
 
         many = None
         if sizes.workers > 1:
@@ -91,13 +115,20 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             many = run.rate
 
         plugin = await env.add_plugin("writes")
-        stream = WriteStream(plugin, sizes.writes, entries, seed=4)
+        stream = WriteStream(plugin, sizes.writes, entries, _WRITES_SEED)
         run = await measure_throughput(env, stream, 1, bar)
         worker = run.workers[0]
-        half_rate = run.rate.per_second / 2
-        latency = await measure_latency(
-            env, worker, await env.add_plugin("latency"), half_rate, sizes.latency_seconds, bar
-        )
+        latency = [
+            await measure_latency(
+                env,
+                worker,
+                await env.add_plugin(f"latency-{fraction}"),
+                run.rate.per_second * fraction,
+                sizes.latency_seconds,
+                bar,
+            )
+            for fraction in LATENCY_FRACTIONS
+        ]
         reads = await measure_reads(
             env,
             worker,
@@ -114,7 +145,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             run.started_rss,
             plugin,
             entries,
-            half_rate,
+            run.rate.per_second / 2,
             sizes.soak_read_concurrency,
             sizes.soak_seconds,
             bar,
@@ -131,8 +162,8 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         worker_cpu_per_write=run.cpu_seconds / run.rate.count,
         workers=sizes.workers,
         worker_writes_many=many,
-        latency_rate=half_rate,
-        write_latency=latency,
+        write_latency=tuple(latency),
+        peers=peers,
         reads=reads,
         memory=memory,
     )

@@ -126,6 +126,49 @@ async def publish_paced(
             await asyncio.sleep(_PACE_TICK)
 
 
+def paced_count(rate: float, seconds: float) -> int:
+    """How many writes a latency phase of ``rate`` per second for ``seconds`` publishes."""
+    return max(1, round(rate * seconds))
+
+
+async def publish_latency_writes(
+    env: BenchEnv,
+    plugin_id: uuid.UUID,
+    routing_key: str,
+    rate: float,
+    seconds: float,
+    progress: Any,
+) -> dict[str, float]:
+    """Publish ``rate`` sets per second for ``seconds``, each to an entry of its own; when
+    each entry's set was published (``time.time()``), by its key."""
+    count = paced_count(rate, seconds)
+    entries = entry_names(count, key_prefix="lat-")
+    rng = random.Random(1)
+    # Values are made before the clock starts: the publisher must keep the pace cheaply.
+    values = [json_value(rng, n) for n in range(count)]
+    new_id = MonotonicUuid7()
+    published: dict[str, float] = {}
+
+    async def publish(n: int) -> None:
+        entry = entries[n]
+        body = set_body(plugin_id, new_id(), entry, values[n])
+        published[entry.key] = time.time()
+        await env.exchange.publish(env.message(body), routing_key)
+
+    await publish_paced(rate, count, publish, progress)
+    return published
+
+
+def publish_to_commit(
+    rate: float, published: dict[str, float], committed: dict[str, float]
+) -> WriteLatency:
+    """The latency of paced writes from when each key's write was published and committed."""
+    latencies = [committed[key] - at for key, at in published.items()]
+    return WriteLatency(
+        rate, Latency.of(latencies), max(committed.values()) - max(published.values())
+    )
+
+
 async def measure_latency(
     env: BenchEnv,
     worker: Process,
@@ -136,14 +179,7 @@ async def measure_latency(
 ) -> WriteLatency:
     """Publish-to-commit latency of ``rate`` writes per second for ``seconds``, each write
     to an entry of its own, through the one running ``worker``."""
-    count = max(1, round(rate * seconds))
-    entries = entry_names(count, key_prefix="lat-")
-    routing_key = env.names.command_key(plugin_id)
-    rng = random.Random(1)
-    # Values are made before the clock starts: the publisher must keep the pace cheaply.
-    values = [json_value(rng, n) for n in range(count)]
-    new_id = MonotonicUuid7()
-    published: dict[str, float] = {}
+    count = paced_count(rate, seconds)
     commits: list[float] = []
     listener = await env.connection.channel()
     try:
@@ -157,15 +193,10 @@ async def measure_latency(
             commits.append(time.time())
 
         await queue.consume(on_notice, no_ack=True)
-
-        async def publish(n: int) -> None:
-            entry = entries[n]
-            body = set_body(plugin_id, new_id(), entry, values[n])
-            published[entry.key] = time.time()
-            await env.exchange.publish(env.message(body), routing_key)
-
         with bar(f"latency at {rate:,.0f}/s", total=count) as progress:
-            await publish_paced(rate, count, publish, progress)
+            published = await publish_latency_writes(
+                env, plugin_id, env.names.command_key(plugin_id), rate, seconds, progress
+            )
 
             async def all_committed() -> bool:
                 return bool(await env.pool.fetchval(STATE_COUNT, plugin_id) == count)
@@ -180,14 +211,10 @@ async def measure_latency(
             await asyncio.sleep(0.1)
     finally:
         await listener.close()
-    rows = await env.pool.fetch(COMMITTED_AT, plugin_id)
-    latencies = []
-    last_commit = 0.0
-    for row in rows:
-        started = row["updated_at"].timestamp()
-        at = bisect.bisect_left(commits, started)
+    committed: dict[str, float] = {}
+    for row in await env.pool.fetch(COMMITTED_AT, plugin_id):
+        at = bisect.bisect_left(commits, row["updated_at"].timestamp())
         if at == len(commits):
             raise BenchError("a latency write committed without a commit notification")
-        latencies.append(commits[at] - published[row["state_key"]])
-        last_commit = max(last_commit, commits[at])
-    return WriteLatency(Latency.of(latencies), last_commit - max(published.values()))
+        committed[row["state_key"]] = commits[at]
+    return publish_to_commit(rate, published, committed)

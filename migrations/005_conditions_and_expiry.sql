@@ -19,3 +19,14 @@ CREATE INDEX plugin_state_expiry_idx ON plugin_state (expires_at) WHERE expires_
 -- follow the order in which writes were decided and committed; `head` is the last one given.
 ALTER TABLE plugin_state_versions ADD COLUMN position bigint;
 ALTER TABLE plugin_counters ADD COLUMN head bigint NOT NULL DEFAULT 0;
+
+-- The conditional writes that were applied, so that a redelivered one is told from a fresh
+-- one: a redelivery is answered `applied` (or `superseded` once overtaken) without being
+-- judged again, and a fresh one whose condition fails is a `conflict`, never mistaken for a
+-- duplicate. Kept for the tombstone retention (an older write is refused as stale anyway);
+-- only conditional writes are recorded, so unconditional ones pay nothing.
+CREATE TABLE plugin_state_conditional_writes (
+    id          uuid NOT NULL,
+    plugin_id   uuid NOT NULL REFERENCES plugins (id) ON DELETE CASCADE,
+    PRIMARY KEY (id, plugin_id)
+);

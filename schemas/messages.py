@@ -87,6 +87,12 @@ IfVersion = Annotated[
 IfAbsent = Annotated[
     bool, Meta(description="true: apply only if the entry has no value now (protocol §7)")
 ]
+# Present on a delete only to refuse them: a condition the worker cannot honour must not
+# be dropped silently as an unknown field would be.
+NotOnDelete = Annotated[
+    Literal[False], Meta(description="not for a delete: if_absent applies to a set")
+]
+NoTtlOnDelete = Annotated[None, Meta(description="not for a delete: a delete does not expire")]
 TtlMs = Annotated[
     int,
     Meta(
@@ -129,6 +135,8 @@ class DeleteCommand(_Wire, tag="delete", tag_field="op", kw_only=True):
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
     if_version: IfVersion | None = None
+    if_absent: NotOnDelete = False
+    ttl_ms: NoTtlOnDelete = None
 
 
 class BatchSet(_Wire, tag="set", tag_field="op", kw_only=True):
@@ -152,6 +160,8 @@ class BatchDelete(_Wire, tag="delete", tag_field="op", kw_only=True):
     namespace: Name = DEFAULT_NAMESPACE
     key: Name
     if_version: IfVersion | None = None
+    if_absent: NotOnDelete = False
+    ttl_ms: NoTtlOnDelete = None
 
 
 class BatchCommand(_Wire, tag="batch", tag_field="op", kw_only=True):

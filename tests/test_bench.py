@@ -28,6 +28,7 @@ EVERY_RATIO = (
     "write throughput / naive baseline",
     "write throughput / FastStream subscriber",
     "write throughput / direct upserts",
+    "write throughput, 20 % conditional / unconditional",
     "get p50 / raw RPC round trip p50",
     "get throughput / RPC ceiling",
     "peak RSS (MB)",

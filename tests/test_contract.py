@@ -893,7 +893,14 @@ entry_fields: Final = st.builds(
     scopes,
     st.fixed_dictionaries(
         {"key": names, "value": storable | values},
-        optional={"namespace": names, "limit": st.integers(-1, MAX_LIST_LIMIT + 1)},
+        optional={
+            "namespace": names,
+            "limit": st.integers(-1, MAX_LIST_LIMIT + 1),
+            "if_version": write_ids,
+            "if_absent": st.booleans(),
+            "ttl_ms": st.integers(-1, 8 * DAY_MS),
+            "after": write_ids,
+        },
     ),
 )
 batch_ops: Final = st.builds(
@@ -951,3 +958,94 @@ def test_any_bytes_decode_to_a_write_or_a_state_error(codec: Codec, raw: bytes) 
 @given(body=requests())
 def test_any_object_decodes_to_a_write_or_a_state_error(codec: Codec, body: object) -> None:
     assert_write_or_state_error(codec, codec.encode(body))
+
+
+# ------------------------------------------------------------ conditions and expiry (§7)
+
+
+def older_id() -> str:
+    return str(uuid7(NOW_MS - MINUTE_MS))
+
+
+def test_if_version_and_if_absent_together_are_invalid_request(codec: Codec) -> None:
+    body = command(if_version=older_id(), if_absent=True)
+    error = write_error(codec, body)
+    assert error.code == "invalid_request" and "at most one" in error.message
+
+
+@pytest.mark.parametrize("when", ["same", "newer"])
+def test_if_version_not_older_than_the_write_is_invalid_request(codec: Codec, when: str) -> None:
+    body = command()
+    body["if_version"] = body["id"] if when == "same" else str(uuid7(NOW_MS + MINUTE_MS))
+    error = write_error(codec, body)
+    assert error.code == "invalid_request" and "older than the write" in error.message
+
+
+def test_if_version_that_is_not_a_uuidv7_is_invalid_request(codec: Codec) -> None:
+    assert write_error(codec, command(if_version=str(uuid.uuid4()))).code == "invalid_request"
+
+
+@pytest.mark.parametrize("ttl", [0, -1, 7 * DAY_MS + 1, 1.5, "10", True])
+def test_a_ttl_outside_one_ms_to_the_retention_is_invalid_request(
+    codec: Codec, ttl: object
+) -> None:
+    assert write_error(codec, command(ttl_ms=ttl)).code == "invalid_request"
+
+
+@pytest.mark.parametrize("ttl", [1, 7 * DAY_MS])
+def test_a_ttl_expires_the_entry_after_the_writes_own_time(codec: Codec, ttl: int) -> None:
+    body = command(ttl_ms=ttl)
+    entry = only_entry(decode_and_validate(codec, body))
+    assert entry.expires_at_ms == (uuid.UUID(body["id"]).int >> 80) + ttl
+
+
+@pytest.mark.parametrize("field", ["if_absent", "ttl_ms"])
+def test_a_delete_refuses_what_only_a_set_can_carry(codec: Codec, field: str) -> None:
+    value: object = True if field == "if_absent" else 1000
+    assert write_error(codec, command("delete", **{field: value})).code == "invalid_request"
+
+
+def test_conditions_and_ttl_of_batch_ops_are_checked_naming_the_op(codec: Codec) -> None:
+    ops = [batch_op(), batch_op(key="b", if_version=older_id(), if_absent=True)]
+    error = write_error(codec, command("batch", ops=ops))
+    assert error.code == "invalid_request" and error.message.startswith("ops[1]:")
+    fine = [
+        batch_op(key="a", if_absent=True, ttl_ms=5000),
+        batch_op("delete", key="b", if_version=older_id()),
+    ]
+    write = decode_and_validate(codec, command("batch", ops=fine))
+    assert [e.if_absent for e in write.entries] == [True, False]
+    assert write.entries[1].if_version == uuid.UUID(fine[1]["if_version"])
+    assert write.entries[0].expires_at_ms is not None and write.batch
+
+
+def test_a_write_without_conditions_is_unconditional_and_permanent(codec: Codec) -> None:
+    entry = only_entry(decode_and_validate(codec, command()))
+    assert not entry.conditional and entry.expires_at_ms is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        AppliedReply(id=uuid7(NOW_MS), outcome="conflict", failed_op=3),
+        AppliedReply(id=uuid7(NOW_MS), outcome="conflict"),
+        ValueReply(
+            found=True,
+            value=1,
+            version=uuid7(NOW_MS),
+            updated_at="2026-01-01T00:00:00+00:00",
+            expires_at="2026-01-02T00:00:00+00:00",
+        ),
+    ],
+    ids=["conflict-of-a-batch", "conflict", "value-with-expiry"],
+)
+def test_conflict_and_expiry_replies_round_trip(codec: Codec, reply: Reply) -> None:
+    assert codec.decode_reply(codec.encode(reply)) == reply
+
+
+def test_a_conflict_reply_without_failed_op_leaves_it_out(codec: Codec) -> None:
+    body = codec.encode(AppliedReply(id=uuid7(NOW_MS), outcome="conflict"))
+    decoded = (
+        msgspec.json.decode(body) if codec.content_type == JSON else msgspec.msgpack.decode(body)
+    )
+    assert set(decoded) == {"type", "id", "outcome"}

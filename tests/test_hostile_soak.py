@@ -16,6 +16,7 @@ and each worker's peak memory stayed under the bench's bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -72,6 +73,10 @@ def hostile_writes(count: int) -> list[tuple[bytes, str, str]]:
     )
     def collect(case: tuple[bytes, str]) -> None:
         body, content_type = case
+        if b"if_version" in body:
+            # Its version was made at the target's clock: against a fresh id (below) its
+            # verdict would change. The fuzz tests judge these.
+            return
         data = encode_input(body, Basic.Properties(content_type=content_type))
         outcome = one_delivery(data)
         # Nesting within a few frames of the interpreter's limit is refused one way or
@@ -173,7 +178,9 @@ class Soak:
             queue = await self.amqp.declare_queue(dead, passive=True)
             return (queue.declaration_result.message_count or 0) >= sum(self.expected_dead.values())
 
-        await wait_until(all_dead, timeout=60, what="every hostile write dead-lettered")
+        # On a time-out the letters' own check below says which are missing.
+        with contextlib.suppress(AssertionError):
+            await wait_until(all_dead, timeout=60, what="every hostile write dead-lettered")
 
     async def check_dead_letters(self) -> None:
         letters = await queue_messages(self.amqp, Names(self.prefix).dead)
@@ -184,7 +191,13 @@ class Soak:
                 assert (letter.headers or {}).get("x-reject-code") == predicted, letter.headers
         codes = Counter(str((m.headers or {}).get("x-reject-code")) for m in letters)
         print(f"soak: dead letters by code {dict(codes)}")
-        assert codes == self.expected_dead
+        sent_hostile = Counter(
+            str(m.correlation_id) for m in letters if (m.correlation_id or "").startswith("hostile-")
+        )
+        assert codes == self.expected_dead, (
+            f"expected {dict(self.expected_dead)}, sent {dict(self.sent)}, "
+            f"hostile letters {sum(sent_hostile.values())}"
+        )
         victim = await self.amqp.declare_queue(self.victim, passive=True)
         assert victim.declaration_result.message_count == 0, "a reply went elsewhere"
 

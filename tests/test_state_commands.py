@@ -158,3 +158,34 @@ async def test_bad_arguments_are_usage_errors(invoke: Invoke) -> None:
     assert "unknown scope kind" in bad_scope.output
     no_id = await invoke("get", "--scope", "issue", "k")
     assert no_id.exit_code == 2
+
+
+async def test_conditional_writes_from_the_command_line_exit_3_on_a_conflict(
+    start_worker: StartWorker, invoke: Invoke
+) -> None:
+    await start_worker()
+    claimed = await invoke(
+        "set", "--scope", "run:R-1", "owner", '"me"', "--if-absent", "--ttl", "60"
+    )
+    assert claimed.exit_code == 0, claimed.output
+    [claim] = output(claimed)
+    assert claim["applied"] is True
+    again = await invoke("set", "--scope", "run:R-1", "owner", '"you"', "--if-absent")
+    assert again.exit_code == 3, again.output
+    assert output(again)[0]["outcome"] == "conflict"
+    got = await invoke("get", "--scope", "run:R-1", "owner")
+    [entry] = output(got)
+    assert entry["value"] == "me" and "expires_at" in entry
+    stale = await invoke("delete", "--scope", "run:R-1", "owner", "--if-version", str(uuid.uuid4()))
+    assert stale.exit_code == 2, stale.output  # not a UUIDv7: refused by the worker
+    wrong = await invoke(
+        "delete",
+        "--scope",
+        "run:R-1",
+        "owner",
+        "--if-version",
+        "01900000-0000-7000-8000-000000000000",
+    )
+    assert wrong.exit_code == 3, wrong.output
+    deleted = await invoke("delete", "--scope", "run:R-1", "owner", "--if-version", claim["id"])
+    assert deleted.exit_code == 0, deleted.output

@@ -139,10 +139,13 @@ class Applier:
         async with self.store.write_transaction() as tx:
             locked = await tx.lock_plugins(w.plugin_id for w in writes)
             states = await tx.read_entries(keys) if locked.usage else {}
+            conditional = [w for w in writes if w.conditional]
+            applied = await tx.applied_conditional_writes(conditional) if conditional else set()
             decision = decide(
-                writes, states, locked.usage, self.quota, locked.now_ms, self.retention_ms
+                writes, states, locked.usage, self.quota, locked.now_ms, self.retention_ms, applied
             )
             heads = await tx.write_entries(decision.stores, decision.usage, locked)
+            await tx.record_conditional_writes(decision.conditional)
         results: list[Result | TimedOut] = list(decision.results)
         return Applied(results, [s.entry for s in decision.stores], [heads])
 

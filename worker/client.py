@@ -596,7 +596,7 @@ class StateClient:
     ) -> uuid.UUID:
         if wait is None:
             ops = command.ops if isinstance(command, BatchCommand) else [command]
-            wait = any(op.if_version is not None or getattr(op, "if_absent", False) for op in ops)
+            wait = any(op.if_version is not None or op.if_absent for op in ops)
         body = self._codec.encode(command)
         if self._codec.content_type == JSON and b"null" in body:
             # msgspec writes NaN and Infinity as null: refuse rather than store another value.

@@ -19,12 +19,15 @@ judged against the state the earlier ones left:
 - a write older than the tombstone retention by the database's clock is ``stale`` (judged
   here, at apply time, so that a batch retried through a long outage cannot bring back an
   entry whose tombstone the retention removed meanwhile);
-- a conditional write (protocol §7) that is already an entry's version is a redelivery,
-  answered ``applied`` again; one overtaken by newer writes on all its entries is
-  ``superseded``; otherwise its conditions, all judged against the state before it, decide:
-  ``if_absent`` holds when the entry has no value (never written, deleted, or expired by the
-  database's clock), ``if_version`` when it has a value written by exactly that write; one
-  failing condition makes the whole write a ``Conflict`` that changes nothing;
+- a conditional write (protocol §7) that was applied before (its id is recorded in
+  ``plugin_state_conditional_writes``) is a redelivery: ``applied`` again while it is still
+  an entry's version, ``superseded`` once newer writes overtook it. Otherwise its
+  conditions, all judged against the state before it, decide: ``if_absent`` holds when the
+  entry has no value (never written, deleted, or expired by the database's clock),
+  ``if_version`` when it has a value written by exactly that write; one failing condition,
+  or a write too old to win any of its entries, makes the whole write a ``Conflict`` that
+  changes nothing. So a conditional write is never ``superseded`` unless it was applied, and
+  a client retrying on ``conflict`` neither loses nor doubles a change;
 - a write that would take its plugin over a quota is ``quota_exceeded`` and changes nothing.
 
 A write is ``applied`` when it made the final state of at least one entry, else
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from schemas.errors import Stale, StateError, UnknownPlugin
@@ -53,6 +57,8 @@ class Decision:
     """The entry writes that won, one per entry, in key order."""
     usage: dict[uuid.UUID, Usage] = field(default_factory=dict)
     """Each plugin's change of usage."""
+    conditional: list[Write] = field(default_factory=list)
+    """The conditional writes applied now, to record."""
 
 
 def state_after(write: EntryWrite) -> EntryState:
@@ -75,18 +81,24 @@ def _holds(write: EntryWrite, current: EntryState | None, now_ms: int) -> bool:
 
 
 def _conditional(
-    write: Write, current: Mapping[EntryKey, EntryState | None], now_ms: int
+    write: Write,
+    current: Mapping[EntryKey, EntryState | None],
+    now_ms: int,
+    applied_before: bool,
 ) -> Result | None:
     """The outcome of a conditional write decided before it changes anything, or None when
     its conditions hold and it is applied as any write."""
     before = [current.get(e.entry) for e in write.entries]
-    if any(s is not None and s.version == write.id for s in before):
-        return "applied"  # a redelivery: it is (or was, until overtaken) the version
-    if all(s is not None and s.version > write.id for s in before):
-        return "superseded"
+    if applied_before:
+        still = any(s is not None and s.version == write.id for s in before)
+        return "applied" if still else "superseded"
     for index, (entry_write, state) in enumerate(zip(write.entries, before, strict=True)):
         if not _holds(entry_write, state, now_ms):
             return Conflict(index if write.batch else None)
+    if not any(_wins(e, s) for e, s in zip(write.entries, before, strict=True)):
+        # Older than every entry's version (a delete newer than an if_absent, say): it can
+        # never be applied, and saying `superseded` would pass for a redelivery.
+        return Conflict(0 if write.batch else None)
     return None
 
 
@@ -97,12 +109,16 @@ def decide(
     quota: Quota,
     now_ms: int,
     retention_ms: int,
+    applied_before: AbstractSet[uuid.UUID] = frozenset(),
 ) -> Decision:
-    """Decide every write of one transaction (see the module's docstring)."""
+    """Decide every write of one transaction (see the module's docstring).
+    ``applied_before``: the ids of its conditional writes that were applied earlier."""
     current: dict[EntryKey, EntryState | None] = dict(states)
     final: dict[EntryKey, tuple[EntryWrite, int]] = {}
     used = dict(usage)
     results: list[Result] = []
+    applied = set(applied_before)
+    recorded: list[Write] = []
     for index, write in enumerate(writes):
         results.append("superseded")
         if write.plugin_id not in usage:
@@ -115,7 +131,7 @@ def decide(
             )
             continue
         if write.conditional:
-            decided = _conditional(write, current, now_ms)
+            decided = _conditional(write, current, now_ms, write.id in applied)
             if decided is not None:
                 results[index] = decided
                 continue
@@ -137,6 +153,10 @@ def decide(
         for key, entry_write in staged.items():
             current[key] = state_after(entry_write)
             final[key] = (entry_write, index)
+        if write.conditional:
+            results[index] = "applied"
+            applied.add(write.id)
+            recorded.append(write)
     for _, origin in final.values():
         if results[origin] == "superseded":
             results[origin] = "applied"
@@ -148,6 +168,7 @@ def decide(
             for plugin in usage
             if used[plugin] != usage[plugin]
         },
+        conditional=recorded,
     )
 
 

@@ -27,6 +27,7 @@ PURGE_CHUNK: Final = 5000
 async def purge_once(store: Store, settings: Settings) -> int | None:
     """One round: returns tombstones removed, or None if another worker is on it."""
     cutoff = settings.retention_seconds + settings.future_skew_seconds
+    await store.purge_conditional_writes(cutoff)
     total = 0
     while True:
         removed = await store.purge_tombstones(cutoff, PURGE_CHUNK)

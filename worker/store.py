@@ -18,7 +18,7 @@ from typing import Any, Final
 import asyncpg
 
 from worker.cursor import ListPosition
-from worker.model import EntryKey, EntryState, EntryWrite, Usage
+from worker.model import EntryKey, EntryState, EntryWrite, Usage, Write
 
 APPLICATION_NAME: Final = "plugin-state-worker"
 
@@ -174,6 +174,23 @@ class WriteTransaction:
             for row in rows
         }
 
+    async def applied_conditional_writes(self, writes: Sequence[Write]) -> set[uuid.UUID]:
+        """Which of these conditional writes were applied before (redeliveries)."""
+        rows = await self.conn.fetch(
+            QUERIES["applied_conditional_writes"],
+            [w.id for w in writes],
+            [w.plugin_id for w in writes],
+        )
+        return {row["id"] for row in rows}
+
+    async def record_conditional_writes(self, writes: Sequence[Write]) -> None:
+        if writes:
+            await self.conn.execute(
+                QUERIES["record_conditional_writes"],
+                [w.id for w in writes],
+                [w.plugin_id for w in writes],
+            )
+
     async def write_entries(
         self, stores: Sequence[EntryWrite], usage: Mapping[uuid.UUID, Usage], locked: Locked
     ) -> dict[uuid.UUID, int]:
@@ -317,6 +334,10 @@ class Store:
                 QUERIES["purge_tombstones"], older_than_seconds, limit, plugins
             )
         return int(removed)
+
+    async def purge_conditional_writes(self, older_than_seconds: float) -> None:
+        """Forget applied conditional writes older than ``older_than_seconds``."""
+        await self.pool.execute(QUERIES["purge_conditional_writes"], older_than_seconds)
 
     async def sweep_expired(self, limit: int) -> tuple[int, list[uuid.UUID]] | None:
         """Turn up to ``limit`` expired entries into tombstones. Returns how many went and

@@ -283,9 +283,7 @@ def check_conditions(
 ) -> tuple[uuid.UUID | None, bool, int | None]:
     """A write's conditions and expiry (protocol §7): (if_version, if_absent, the Unix ms
     its entry expires at), or ``invalid_request``."""
-    if_version = op.if_version
-    if_absent = isinstance(op, SetCommand | BatchSet) and op.if_absent
-    ttl_ms = op.ttl_ms if isinstance(op, SetCommand | BatchSet) else None
+    if_version, if_absent, ttl_ms = op.if_version, op.if_absent, op.ttl_ms
     if if_version is not None:
         if if_absent:
             raise InvalidRequest("a write takes at most one of if_version and if_absent")

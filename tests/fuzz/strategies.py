@@ -163,6 +163,13 @@ def msgpack_commands(draw: st.DrawFn) -> bytes:
         "key": _msgpack_str("k"),
         "value": draw(st.one_of(msgpack_values, msgpack_values, msgpack_values, deep_msgpack)),
     }
+    # The conditions and expiry of protocol §7, valid or not.
+    if draw(st.booleans()):
+        fields["if_version"] = _msgpack_str(str(uuid7_floor(NOW_MS - draw(st.integers(-5, 5)))))
+    if draw(st.booleans()):
+        fields["if_absent"] = draw(st.sampled_from([b"\xc3", b"\xc2", b"\xc0", b"\x01"]))
+    if draw(st.booleans()):
+        fields["ttl_ms"] = msgspec.msgpack.encode(draw(st.integers(-(2**63), 2**64 - 1)))
     if draw(st.integers(0, 3)) == 0:
         for name in draw(st.sets(st.sampled_from(sorted(fields)), max_size=2)):
             fields[name] = draw(msgpack_values)
@@ -246,6 +253,25 @@ def json_commands(draw: st.DrawFn) -> bytes:
     op = draw(st.sampled_from([b"set", b"delete", b"batch", b"get", b"list"]))
     value = draw(st.one_of(json_values, deep_json))
     key = draw(st.one_of(st.just(b'"k"'), json_strings))
+    conditions = b"".join(
+        draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        b',"if_absent":true',
+                        b',"if_absent":false',
+                        b',"if_version":"' + str(uuid7_floor(NOW_MS - 1)).encode() + b'"',
+                        b',"if_version":"' + _ID.encode() + b'"',
+                        b',"ttl_ms":1',
+                        b',"ttl_ms":0',
+                        b',"ttl_ms":604800001',
+                        b',"ttl_ms":1e3',
+                    ]
+                ),
+                max_size=2,
+            )
+        )
+    )
     body = (
         b'{"op":"'
         + op
@@ -257,6 +283,7 @@ def json_commands(draw: st.DrawFn) -> bytes:
         + key
         + b',"value":'
         + value
+        + conditions
         + b"}"
     )
     if draw(st.integers(0, 9)) == 0:

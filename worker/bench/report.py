@@ -212,6 +212,21 @@ class Ratio:
 
 
 @dataclass(frozen=True, slots=True)
+class Variant:
+    """The worker's write throughput over a variant of the workload or of its settings,
+    measured in the same run as the plain one and compared with it."""
+
+    title: str
+    rate: Rate
+    ratio: str
+    """The ratio's name: this throughput over the plain one."""
+    target: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"title": self.title, **self.rate.as_json(), "target": self.target}
+
+
+@dataclass(frozen=True, slots=True)
 class Throughput:
     """One write throughput of the run, as the throughput chart shows it."""
 
@@ -253,6 +268,7 @@ class BenchReport:
     peers: dict[str, PeerFigures]
     reads: dict[str, ReadFigures]
     memory: MemoryFigures
+    variants: dict[str, Variant]
 
     # What the charts of ``--plot`` draw: a phase shows in a chart by being listed here.
 
@@ -269,6 +285,7 @@ class BenchReport:
             rates.append(
                 Throughput(f"worker, {self.workers} processes", self.worker_writes_many, "worker")
             )
+        rates += [Throughput(v.title, v.rate, "worker") for v in self.variants.values()]
         return rates
 
     def latency_curves(self) -> list[LatencyCurve]:
@@ -321,6 +338,15 @@ class BenchReport:
                     f"{self.peers[key].writes.per_second:,.0f}",
                 )
                 for key, (name, target) in _PEER_RATIOS.items()
+            ),
+            *(
+                Ratio(
+                    variant.ratio,
+                    variant.rate.per_second / self.worker_writes.per_second,
+                    variant.target,
+                    f"{variant.rate.per_second:,.0f} / {self.worker_writes.per_second:,.0f}",
+                )
+                for variant in self.variants.values()
             ),
             Ratio(
                 "get p50 / raw RPC round trip p50",
@@ -381,6 +407,7 @@ class BenchReport:
             rows.append(
                 (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
             )
+        rows += [(v.title, _rate(v.rate), "writes/s") for v in self.variants.values()]
         rows += _latency_rows("", self.write_latency, self.worker_writes)
         rows.append(("READS", "", ""))
         for key, name in _READ_TITLES.items():
@@ -454,6 +481,7 @@ class BenchReport:
             "peers": {key: peer.as_json() for key, peer in self.peers.items()},
             "reads": {key: figures.as_json() for key, figures in self.reads.items()},
             "memory": self.memory.as_json(),
+            "variants": {key: variant.as_json() for key, variant in self.variants.items()},
             "ratios": {
                 ratio.name: {"value": ratio.value, "target": ratio.target}
                 for ratio in self.ratios()

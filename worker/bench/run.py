@@ -19,11 +19,11 @@ from typing import Any, Final
 
 from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
-from worker.bench.harness import bench_env
+from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
 from worker.bench.peers import measure_direct, measure_faststream
 from worker.bench.reads import measure_reads
-from worker.bench.report import DIRECT, FASTSTREAM, BenchReport
+from worker.bench.report import DIRECT, FASTSTREAM, BenchReport, Rate, Variant
 from worker.bench.workload import WriteStream, entry_names
 from worker.bench.writes import measure_latency, measure_throughput
 from worker.config import Settings
@@ -114,6 +114,25 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
                 await env.stop(process)
             many = run.rate
 
+        variants = {
+            "conditional": Variant(
+                "worker, 20 % conditional writes",
+                await _throughput_of(
+                    env,
+                    WriteStream(
+                        await env.add_plugin("writes-conditional"),
+                        sizes.writes,
+                        entries,
+                        _WRITES_SEED,
+                        conditional_share=0.2,
+                    ),
+                    bar,
+                ),
+                "write throughput, 20 % conditional / unconditional",
+                ">= 0.9",
+            ),
+        }
+
         plugin = await env.add_plugin("writes")
         stream = WriteStream(plugin, sizes.writes, entries, _WRITES_SEED)
         run = await measure_throughput(env, stream, 1, bar)
@@ -166,4 +185,13 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         peers=peers,
         reads=reads,
         memory=memory,
+        variants=variants,
     )
+
+
+async def _throughput_of(env: BenchEnv, stream: WriteStream, bar: Callable[..., Any]) -> Rate:
+    """The write throughput of one fresh worker over ``stream``; the worker is stopped."""
+    run = await measure_throughput(env, stream, 1, bar)
+    for process in run.workers:
+        await env.stop(process)
+    return run.rate

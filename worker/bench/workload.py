@@ -87,6 +87,9 @@ class WriteStream:
     count: int
     entries: list[EntryName]
     seed: int = 0
+    conditional_share: float = 0.0
+    """Of the writes, how many are conditional: an ``if_absent`` claim of an entry of its
+    own (applied whatever the order, so the run ends when every final id is stored)."""
     bodies: list[bytes] = field(default_factory=list)
     final: dict[EntryName, uuid.UUID] = field(default_factory=dict)
 
@@ -94,8 +97,14 @@ class WriteStream:
         rng = random.Random(self.seed)
         new_id = MonotonicUuid7()
         for n in range(self.count):
-            entry = rng.choice(self.entries)
             write_id = new_id()
+            if self.conditional_share and rng.random() < self.conditional_share:
+                claim = EntryName("run", f"C-{n // 8}", f"claim{n}")
+                value = {**json_value(rng, n), "claimed": True}
+                self.bodies.append(set_body(self.plugin_id, write_id, claim, value, if_absent=True))
+                self.final[claim] = write_id
+                continue
+            entry = rng.choice(self.entries)
             op = "delete" if rng.random() < DELETE_SHARE else "set"
             self.bodies.append(write_body(self.plugin_id, op, write_id, entry, rng, n))
             self.final[entry] = write_id
@@ -118,8 +127,14 @@ def write_body(
 
 
 def set_body(
-    plugin_id: uuid.UUID, write_id: uuid.UUID, entry: EntryName, value: dict[str, Any]
+    plugin_id: uuid.UUID,
+    write_id: uuid.UUID,
+    entry: EntryName,
+    value: dict[str, Any],
+    *,
+    if_absent: bool = False,
 ) -> bytes:
+    condition = {"if_absent": True} if if_absent else {}
     return _encoder.encode(
         {
             "op": "set",
@@ -127,6 +142,7 @@ def set_body(
             "plugin_id": str(plugin_id),
             **entry.as_json(),
             "value": value,
+            **condition,
         }
     )
 

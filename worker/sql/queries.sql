@@ -60,6 +60,26 @@ LEFT JOIN LATERAL (
       AND s.namespace = w.namespace AND s.state_key = w.state_key
 ) legacy ON true;
 
+-- name: applied_conditional_writes
+-- Which of these conditional writes ($1 ids, $2 their plugins) were applied before.
+SELECT c.id FROM plugin_state_conditional_writes c
+JOIN unnest($1::uuid[], $2::uuid[]) AS w (id, plugin_id)
+    ON c.id = w.id AND c.plugin_id = w.plugin_id;
+
+-- name: record_conditional_writes
+-- The conditional writes this transaction applied ($1 ids, $2 their plugins).
+INSERT INTO plugin_state_conditional_writes (id, plugin_id)
+SELECT * FROM unnest($1::uuid[], $2::uuid[])
+ON CONFLICT DO NOTHING;
+
+-- name: purge_conditional_writes
+-- Conditional writes older than the cut-off ($1 seconds, by the database's clock): a
+-- redelivery that old is refused as stale before it could be mistaken for a fresh write.
+DELETE FROM plugin_state_conditional_writes
+WHERE id < (lpad(to_hex((extract(epoch FROM statement_timestamp()
+                                     - make_interval(secs => $1::double precision))
+                         * 1000)::bigint), 12, '0') || '70008000000000000000')::uuid;
+
 -- name: write_entries
 -- The last statement of a write transaction: the entry writes that won (decided under the
 -- plugin locks, each entry once), in one round trip. $1..$11 are the entries: key, version,

@@ -45,14 +45,20 @@ MESSAGES: Final = (
         "chosen by `op`. Rules the schema cannot state: `id` is a UUIDv7 at most 5 minutes "
         "ahead of the worker's clock and no older than the tombstone retention (7 days by "
         "default); `scope_id` is null for scope_kind `instance` and required otherwise; a "
-        "value holds no U+0000, NaN or Infinity and is at most 1 MiB of JSON by default.",
+        "value holds no U+0000, NaN or Infinity, is at most 1 MiB of JSON by default (its "
+        "numbers counted as written out in full) and nests at most 256 arrays and objects; "
+        "scope_id, namespace and key are at most 2400 bytes of UTF-8 together; `if_version` "
+        "and `if_absent` exclude each other, `if_version` is older than `id`, `ttl_ms` is at "
+        "most the tombstone retention.",
     ),
     Message(
         "read-request",
         "ReadRequest",
         ReadRequest,
-        "A read a plugin publishes with routing key rpc.<plugin_id>, with reply_to and "
-        "correlation_id: get, get_many or list, chosen by `op`.",
+        "A read a plugin publishes with routing key rpc.<plugin_id>, with reply_to (direct "
+        "reply-to, or a queue of the caller's own named <prefix>.reply.<plugin_id>.<name>) "
+        "and correlation_id: get, get_many or list, chosen by `op`. `after` is a UUIDv7 no "
+        "further ahead than a write may be.",
     ),
     Message(
         "reply",
@@ -412,8 +418,9 @@ def asyncapi() -> dict[str, Any]:
             "title": "Send a write command",
             "description": "Fire-and-forget by default. A write that carries reply_to and "
             "correlation_id gets one reply after its transaction committed: `applied` "
-            "(outcome applied or superseded) or an `error`. A rejected write is "
-            "dead-lettered. Republish with the same id when a publish is not confirmed.",
+            "(outcome applied, superseded, or conflict when a condition did not hold) or an "
+            "`error`. A rejected write is dead-lettered. Republish with the same id when a "
+            "publish is not confirmed.",
             "messages": _operation_messages(WRITES),
             "bindings": _amqp(deliveryMode=2),
             "reply": _reply(WRITE_REPLIES),

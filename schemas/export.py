@@ -18,7 +18,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from schemas.errors import ErrorCode
-from schemas.messages import ReadRequest, Reply, WriteCommand
+from schemas.messages import ChangeItem, ReadRequest, Reply, WriteCommand
 from worker.config import Settings
 from worker.topology import Names, commands_queue_arguments
 
@@ -57,21 +57,30 @@ MESSAGES: Final = (
         ReadRequest,
         "A read a plugin publishes with routing key rpc.<plugin_id>, with reply_to (direct "
         "reply-to, or a queue of the caller's own named <prefix>.reply.<plugin_id>.<name>) "
-        "and correlation_id: get, get_many or list, chosen by `op`. `after` is a UUIDv7 no "
-        "further ahead than a write may be.",
+        "and correlation_id: get, get_many, list or changes, chosen by `op`. `after` is a "
+        "UUIDv7 no further ahead than a write may be; `since` is a position a changes reply "
+        "gave (or null for the log's current end).",
     ),
     Message(
         "reply",
         "Reply",
         Reply,
         "What the worker sends back to reply_to, chosen by `type`: a value, values, a page, "
-        "an applied write, or an error with a code of the contract.",
+        "a page of changes, an applied write, or an error with a code of the contract.",
+    ),
+    Message(
+        "change-item",
+        "ChangeItem",
+        ChangeItem,
+        "A change of a plugin's state, as a changes reply lists it and as the worker "
+        "publishes it to the exchange <prefix>.changes with routing key chg.<plugin_id> "
+        "(persistent, at least once, in log order per plugin: dedupe by `position`).",
     ),
 )
 COMBINED_NAME: Final = "plugin-state"
 COMBINED_DESCRIPTION: Final = (
     "Any message of the plugin state protocol. Each message kind is also under $defs "
-    "(WriteCommand, ReadRequest, Reply) and has a schema file of its own."
+    "(WriteCommand, ReadRequest, Reply, ChangeItem) and has a schema file of its own."
 )
 
 
@@ -92,7 +101,11 @@ def _combined() -> dict[str, Any]:
     )
     defs = dict(structs)
     for message, kind in zip(MESSAGES, kinds, strict=True):
-        defs[message.title] = {**kind, "description": message.description}
+        if kind.get("$ref") == f"#/$defs/{message.title}":
+            # A message kind that is one struct, not a union: the struct is the kind.
+            defs[message.title] = {**structs[message.title], "description": message.description}
+        else:
+            defs[message.title] = {**kind, "description": message.description}
     return {
         "anyOf": [{"$ref": f"#/$defs/{message.title}"} for message in MESSAGES],
         "$defs": defs,
@@ -189,6 +202,19 @@ class ReplyProperties(_Properties, kw_only=True):
     correlation_id: CorrelationId | UnsetType = UNSET
 
 
+class ChangeProperties(_Properties, kw_only=True):
+    """AMQP properties of a change on the feed."""
+
+    content_type: Annotated[Literal["application/json"], Meta(description="Always JSON.")] = (
+        "application/json"
+    )
+    delivery_mode: Annotated[Literal[2], Meta(description="Persistent.")]
+    message_id: Annotated[
+        str, Meta(description="<plugin_id>:<position>: the same for a change published again.")
+    ]
+    type: Annotated[Literal["change"], Meta(description="Always change.")]
+
+
 class DeadLetterHeaders(msgspec.Struct, kw_only=True, omit_defaults=True, rename="kebab"):
     """Entries added to a dead letter's AMQP headers table; its own properties are kept."""
 
@@ -223,7 +249,13 @@ DeadLetterBody = Annotated[
     ),
 ]
 
-ENVELOPES: Final = (WriteProperties, ReadProperties, ReplyProperties, DeadLetterHeaders)
+ENVELOPES: Final = (
+    WriteProperties,
+    ReadProperties,
+    ReplyProperties,
+    ChangeProperties,
+    DeadLetterHeaders,
+)
 
 
 class _Channel(NamedTuple):
@@ -239,7 +271,7 @@ WRITES: Final = _Channel("commands", "Write commands", WriteCommand, WriteProper
 READS: Final = _Channel("reads", "Read requests", ReadRequest, ReadProperties)
 REPLIES: Final = _Channel("replies", "Replies", Reply, ReplyProperties)
 WRITE_REPLIES: Final = ("applied", "error")
-READ_REPLIES: Final = ("value", "values", "page", "error")
+READ_REPLIES: Final = ("value", "values", "page", "changes", "error")
 CORRELATION_ID: Final = {"$ref": "#/components/correlationIds/correlationId"}
 
 
@@ -333,12 +365,21 @@ def asyncapi() -> dict[str, Any]:
     broker = urlsplit(settings.amqp_url)
     kinds = [struct for channel in (WRITES, READS, REPLIES) for struct in get_args(channel.union)]
     (body, *_), schemas = msgspec.json.schema_components(
-        [DeadLetterBody, *kinds, *ENVELOPES], ref_template="#/components/schemas/{name}"
+        [DeadLetterBody, *kinds, ChangeItem, *ENVELOPES],
+        ref_template="#/components/schemas/{name}",
     )
     messages = {
         struct.__name__: _message(struct, channel.envelope)
         for channel in (WRITES, READS, REPLIES)
         for struct in get_args(channel.union)
+    }
+    messages["Change"] = {
+        "name": "change",
+        "title": "Change",
+        "summary": (inspect.getdoc(ChangeItem) or "").split("\n\n")[0].replace("\n", " "),
+        "contentType": JSON,
+        "payload": {"$ref": "#/components/schemas/ChangeItem"},
+        "headers": {"$ref": "#/components/schemas/ChangeProperties"},
     }
     messages["DeadLetter"] = {
         "name": "dead_letter",
@@ -393,6 +434,18 @@ def asyncapi() -> dict[str, Any]:
             "messages": _channel_messages(READS),
             "bindings": _queue(names.rpc_queue, "classic"),
         },
+        "changes": {
+            "address": names.change_key("{plugin_id}"),
+            "title": "Change feed",
+            "description": f"Every committed change of a plugin's state, published to the "
+            f"topic exchange `{names.changes}` after commit: at least once, in log order per "
+            "plugin. Bind a queue of your own with the plugin's key; dedupe by `position`, "
+            "and after any gap (a queue not bound yet, a broker restart) catch up with a "
+            "changes read from the last position you have.",
+            "parameters": {"plugin_id": plugin_id},
+            "messages": {"change": {"$ref": "#/components/messages/Change"}},
+            "bindings": _exchange(names.changes, "topic"),
+        },
         "deadLetterExchange": {
             "address": names.command_key("{plugin_id}"),
             "title": "Dead-letter exchange",
@@ -430,9 +483,16 @@ def asyncapi() -> dict[str, Any]:
             "channel": {"$ref": f"#/channels/{READS.key}"},
             "title": "Send a read request",
             "description": "RPC: get answers with `value`, get_many with `values`, list with "
-            "`page`; a rejected request is answered with an `error`.",
+            "`page`, changes with `changes` (after waiting up to wait_ms for one when there is "
+            "none yet); a rejected request is answered with an `error`.",
             "messages": _operation_messages(READS),
             "reply": _reply(READ_REPLIES),
+        },
+        "receiveChange": {
+            "action": "receive",
+            "channel": {"$ref": "#/channels/changes"},
+            "title": "Follow a plugin's changes",
+            "messages": [{"$ref": "#/channels/changes/messages/change"}],
         },
         "receiveDeadLetter": {
             "action": "receive",
@@ -450,8 +510,9 @@ def asyncapi() -> dict[str, Any]:
             "version": PROTOCOL_VERSION,
             "description": "Plugins keep JSON values keyed by (plugin_id, scope_kind, "
             "scope_id, namespace, key). They publish writes (set, delete, batch) and read "
-            "requests (get, get_many, list) to RabbitMQ; workers apply writes to Postgres, "
-            "last writer wins by the write's UUIDv7 id, and answer reads over AMQP RPC. Bodies "
+            "requests (get, get_many, list, changes) to RabbitMQ; workers apply writes to "
+            "Postgres, last writer wins by the write's UUIDv7 id, answer reads over AMQP RPC "
+            "and publish every change to a feed. Bodies "
             f"are JSON ({JSON}, the default) or the same object in MessagePack ({MSGPACK}). "
             "Operations are seen from a plugin; the worker does the mirror image.",
             "license": {"name": "MIT"},

@@ -218,8 +218,32 @@ class ListRequest(_Wire, tag="list", tag_field="op", kw_only=True):
     cursor: str | None = None
 
 
-ReadRequest = GetRequest | GetManyRequest | ListRequest
-READ_OPS: Final = frozenset({"get", "get_many", "list"})
+Position = Annotated[
+    str,
+    Meta(
+        max_length=40,
+        description="a position in a plugin's change log: opaque, as a reply gave it",
+    ),
+]
+MAX_CHANGES_WAIT_MS: Final = 30_000
+
+
+class ChangesRequest(_Wire, tag="changes", tag_field="op", kw_only=True):
+    """Read a plugin's change log after ``since`` (null: its current end), with the
+    filters of ``list``; with ``wait_ms``, wait that long for a change (protocol §8)."""
+
+    plugin_id: uuid.UUID
+    since: Position | None = None
+    limit: Annotated[int, Meta(ge=1, le=MAX_LIST_LIMIT)] = 100
+    wait_ms: Annotated[int, Meta(ge=0, le=MAX_CHANGES_WAIT_MS)] = 0
+    scope_kind: ScopeKind | None = None
+    scope_id: Name | None = None
+    namespace: Name | None = None
+    prefix: KeyPrefix = ""
+
+
+ReadRequest = GetRequest | GetManyRequest | ListRequest | ChangesRequest
+READ_OPS: Final = frozenset({"get", "get_many", "list", "changes"})
 
 # --------------------------------------------------------------------------- replies
 
@@ -267,6 +291,32 @@ class PageReply(_Reply, tag="page", kw_only=True):
     next_cursor: str | None
 
 
+ChangeKind = Literal["set", "delete", "expire"]
+
+
+class ChangeItem(Struct, kw_only=True, omit_defaults=True):
+    """One change of a plugin's state: ``set`` (with the value), ``delete`` or ``expire``
+    (``version``: the write whose time to live ran out)."""
+
+    position: Position
+    change: ChangeKind
+    scope_kind: ScopeKind
+    scope_id: str | None
+    namespace: str
+    key: str
+    version: uuid.UUID
+    value: JsonValue | UnsetType = UNSET
+    updated_at: Timestamp
+    expires_at: Timestamp | UnsetType = UNSET
+
+
+class ChangesReply(_Reply, tag="changes", kw_only=True):
+    """A page of the change log; ``next`` is what to send as ``since`` to continue."""
+
+    next: Position
+    items: list[ChangeItem]
+
+
 class AppliedReply(_Reply, tag="applied", kw_only=True):
     """Sent after commit to a write that carried ``reply_to``: ``superseded`` when a newer
     version was there (or an unconditional write was a duplicate), ``conflict`` when a
@@ -284,7 +334,7 @@ class ErrorReply(_Reply, tag="error", kw_only=True):
     message: str
 
 
-Reply = ValueReply | ValuesReply | PageReply | AppliedReply | ErrorReply
+Reply = ValueReply | ValuesReply | PageReply | ChangesReply | AppliedReply | ErrorReply
 
 __all__ = [
     "MAX_BATCH_OPS",
@@ -296,6 +346,9 @@ __all__ = [
     "BatchCommand",
     "BatchDelete",
     "BatchSet",
+    "ChangeItem",
+    "ChangesReply",
+    "ChangesRequest",
     "DeleteCommand",
     "EntryRef",
     "ErrorReply",

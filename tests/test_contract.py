@@ -31,6 +31,9 @@ from schemas.messages import (
     SCOPE_KINDS,
     WRITE_OPS,
     AppliedReply,
+    ChangeItem,
+    ChangesReply,
+    ChangesRequest,
     ErrorReply,
     GetManyRequest,
     GetRequest,
@@ -102,6 +105,7 @@ def read_request(kind: str = "get", /, **fields: Any) -> dict[str, Any]:
         "get": {"op": "get", **scope, "key": "cursor", "after": str(uuid7(NOW_MS))},
         "get_many": {"op": "get_many", "entries": [{"scope_kind": "instance", "key": "token"}]},
         "list": {"op": "list", **scope, "prefix": "", "limit": 100, "cursor": None},
+        "changes": {"op": "changes", "since": "42", "limit": 100, "wait_ms": 20_000, **scope},
     }
     return changed({**bodies[kind], "plugin_id": str(PLUGIN)}, fields)
 
@@ -455,6 +459,7 @@ READ_TYPES: Final[dict[str, type[ReadRequest]]] = {
     "get": GetRequest,
     "get_many": GetManyRequest,
     "list": ListRequest,
+    "changes": ChangesRequest,
 }
 
 
@@ -808,6 +813,33 @@ REPLIES: Final[dict[str, Reply]] = {
     "value missing": ValueReply(found=False),
     "values": ValuesReply(items=[ValueReply(found=False), ValueReply(found=True, value=None)]),
     "page": PageReply(items=[], next_cursor="c"),
+    "changes": ChangesReply(
+        next="7",
+        items=[
+            ChangeItem(
+                position="6",
+                change="set",
+                scope_kind="issue",
+                scope_id="ISS-42",
+                namespace="default",
+                key="cursor",
+                version=VERSION,
+                value={"page": 3},
+                updated_at=UPDATED_AT,
+            ),
+            ChangeItem(
+                position="7",
+                change="expire",
+                scope_kind="instance",
+                scope_id=None,
+                namespace="default",
+                key="lease",
+                version=VERSION,
+                updated_at=UPDATED_AT,
+                expires_at=UPDATED_AT,
+            ),
+        ],
+    ),
     "applied": AppliedReply(id=VERSION, outcome="superseded"),
     "error": ErrorReply(code="write_pending", message="not applied in time"),
 }

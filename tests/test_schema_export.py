@@ -198,6 +198,7 @@ def test_reply_schema_is_tagged_by_type_and_always_carries_next_cursor() -> None
         "value",
         "values",
         "page",
+        "changes",
         "applied",
         "error",
     }
@@ -211,7 +212,9 @@ def test_combined_schema_names_every_message_kind() -> None:
         {"$ref": "#/$defs/WriteCommand"},
         {"$ref": "#/$defs/ReadRequest"},
         {"$ref": "#/$defs/Reply"},
+        {"$ref": "#/$defs/ChangeItem"},
     ]
+    assert document["$defs"]["ChangeItem"]["properties"]["position"]["type"] == "string"
     assert document["$defs"]["WriteCommand"]["discriminator"]["propertyName"] == "op"
     assert document["$defs"]["ReadRequest"]["discriminator"]["propertyName"] == "op"
 
@@ -219,7 +222,7 @@ def test_combined_schema_names_every_message_kind() -> None:
 # ---------------------------------------------------------------------------- AsyncAPI
 
 NAMES = Names(Settings().prefix)
-REPLY_TYPES = {"value", "values", "page", "applied", "error"}
+REPLY_TYPES = {"value", "values", "page", "changes", "applied", "error"}
 
 
 def resolve(document: dict[str, Any], ref: str) -> Any:
@@ -333,7 +336,7 @@ def test_asyncapi_messages_are_json_with_msgpack_noted_and_correlated() -> None:
     messages = document["components"]["messages"]
     for name, message in messages.items():
         assert message["contentType"] == "application/json", name
-        if name != "DeadLetter":
+        if name not in {"DeadLetter", "Change"}:  # neither is a request nor a reply
             assert "application/msgpack" in message["description"], name
             correlation = resolve(document, message["correlationId"]["$ref"])
             assert correlation["location"] == "$message.header#/correlation_id"
@@ -345,6 +348,22 @@ def test_asyncapi_messages_are_json_with_msgpack_noted_and_correlated() -> None:
             ]
 
 
+def test_asyncapi_describes_the_change_feed() -> None:
+    document = asyncapi()
+    channel = document["channels"]["changes"]
+    assert channel["address"] == "chg.{plugin_id}"
+    assert exchange_of(channel) == NAMES.changes
+    assert channel["bindings"]["amqp"]["exchange"]["type"] == "topic"
+    message = resolve(document, channel["messages"]["change"]["$ref"])
+    payload = resolve(document, message["payload"]["$ref"])
+    assert {"position", "change", "version", "updated_at"} <= set(payload["required"])
+    assert sorted(payload["properties"]["change"]["enum"]) == ["delete", "expire", "set"]
+    headers = resolve(document, message["headers"]["$ref"])
+    assert headers["properties"]["delivery_mode"]["enum"] == [2]
+    operation = document["operations"]["receiveChange"]
+    assert operation["action"] == "receive"
+
+
 def test_asyncapi_payloads_are_the_exported_json_schema_structs() -> None:
     """Never hand-written: each payload is the struct of schemas/json/, refs re-pointed."""
     json_schema_defs = load("plugin-state")["$defs"]
@@ -353,6 +372,8 @@ def test_asyncapi_payloads_are_the_exported_json_schema_structs() -> None:
     for name, definition in json_schema_defs.items():
         if name in union_kinds:
             continue
+        if name == "ChangeItem":  # a message kind of its own: described as the feed's item
+            definition = {**definition, "description": schemas[name]["description"]}  # noqa: PLW2901
         text = json.dumps(definition).replace('"#/$defs/', '"#/components/schemas/')
         expected = without_discriminator_objects(json.loads(text))
         assert schemas[name] == expected, name
@@ -409,6 +430,7 @@ def test_asyncapi_operations_send_writes_and_reads_with_replies_to_reply_to() ->
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in read_op["reply"]["messages"]} == {
         "value",
         "values",
+        "changes",
         "page",
         "error",
     }

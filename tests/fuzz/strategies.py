@@ -250,7 +250,7 @@ deep_json = st.integers(200, 3000).map(lambda depth: b"[" * depth + b"]" * depth
 def json_commands(draw: st.DrawFn) -> bytes:
     """A write or read as JSON text whose value (or another field) is any JSON, well-formed
     or not, sometimes cut short."""
-    op = draw(st.sampled_from([b"set", b"delete", b"batch", b"get", b"list"]))
+    op = draw(st.sampled_from([b"set", b"delete", b"batch", b"get", b"list", b"changes"]))
     value = draw(st.one_of(json_values, deep_json))
     key = draw(st.one_of(st.just(b'"k"'), json_strings))
     conditions = b"".join(
@@ -266,6 +266,12 @@ def json_commands(draw: st.DrawFn) -> bytes:
                         b',"ttl_ms":0',
                         b',"ttl_ms":604800001',
                         b',"ttl_ms":1e3',
+                        b',"since":"0"',
+                        b',"since":"18446744073709551616"',
+                        b',"since":null',
+                        b',"since":"-1"',
+                        b',"wait_ms":30001',
+                        b',"wait_ms":1',
                     ]
                 ),
                 max_size=2,

@@ -95,7 +95,7 @@ async def test_terminated_backends_lose_nothing(
     while not publishing.done() or terminated == 0:
         terminated += await db.fetchval(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = $1) t",
+            "WHERE datname = current_database() AND application_name LIKE $1 || ' %') t",
             APPLICATION_NAME,
         )
         await asyncio.sleep(0.05)

@@ -192,7 +192,9 @@ class Soak:
         codes = Counter(str((m.headers or {}).get("x-reject-code")) for m in letters)
         print(f"soak: dead letters by code {dict(codes)}")
         sent_hostile = Counter(
-            str(m.correlation_id) for m in letters if (m.correlation_id or "").startswith("hostile-")
+            str(m.correlation_id)
+            for m in letters
+            if (m.correlation_id or "").startswith("hostile-")
         )
         assert codes == self.expected_dead, (
             f"expected {dict(self.expected_dead)}, sent {dict(self.sent)}, "

@@ -31,9 +31,10 @@ from worker.metrics import Metrics
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.quota import Quota
+from worker.relay import Relay
 from worker.retention import run_retention
 from worker.rpc import RpcServer
-from worker.store import DATABASE_FAILURES, Store, create_pool
+from worker.store import APPLICATION_NAME, DATABASE_FAILURES, Store, create_pool
 from worker.sweeper import run_sweeper
 from worker.topology import Names, declare
 from worker.validate import Rules
@@ -61,6 +62,7 @@ class Worker:
         self.channels: list[AbstractChannel] = []
         self.wakeups = Wakeups()
         self.notices: CommitNotices | None = None
+        self.relay: Relay | None = None
         self.database_ok = False
         self.health = HealthServer(
             self.metrics.registry, self.readiness, settings.http_host, settings.http_port
@@ -80,7 +82,11 @@ class Worker:
         pool = await self._until_up(
             "postgres",
             lambda: create_pool(
-                settings.database_url, settings.db_pool_size, settings.db_command_timeout_seconds
+                settings.database_url,
+                settings.db_pool_size,
+                settings.db_command_timeout_seconds,
+                # Which worker a backend serves, in pg_stat_activity.
+                f"{APPLICATION_NAME} {os.getpid()}:{self.instance}",
             ),
         )
         self.store = Store(pool)
@@ -100,11 +106,13 @@ class Worker:
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
         notices_channel = await self.connection.channel(publisher_confirms=False)
+        relay_channel = await self.connection.channel(publisher_confirms=True)
         # Closed in this order at stop: consumers first, publishers last.
         self.channels = [
             commands_channel,
             rpc_channel,
             notices_channel,
+            relay_channel,
             reply_channel,
             confirm_channel,
         ]
@@ -120,7 +128,12 @@ class Worker:
             channel=commands_channel,
             intake=WriteIntake(names, rules, authorizer),
             plugins=plugins,
-            applier=Applier(self.store, rules.retention_ms, Quota.from_settings(settings)),
+            applier=Applier(
+                self.store,
+                rules.retention_ms,
+                Quota.from_settings(settings),
+                changes=settings.changes,
+            ),
             publisher=publisher,
             metrics=self.metrics,
             clock=self.clock,
@@ -137,6 +150,17 @@ class Worker:
             wakeups=self.wakeups,
             clock=self.clock,
         )
+        if settings.changes and "relay" in settings.roles:
+            self.relay = Relay(
+                self.store,
+                relay_channel,
+                names,
+                self.wakeups.listener(),
+                self.metrics,
+                retry_initial=settings.retry_initial_seconds,
+                retry_max=settings.retry_max_seconds,
+            )
+            await self.relay.start()
         if "writes" in settings.roles:
             await self.consumer.start()
         if "reads" in settings.roles:
@@ -158,6 +182,8 @@ class Worker:
                 ),
                 group.create_task(self._watch_database(), name="database-watch"),
             ]
+            if self.relay is not None:
+                background.append(group.create_task(self.relay.run(), name="relay"))
             await self.stopping.wait()
             log.info("worker_draining")
             await asyncio.gather(self.consumer.drain(), self.rpc.drain())

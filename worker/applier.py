@@ -24,6 +24,7 @@ import asyncpg
 import structlog
 
 from schemas.errors import Internal, InvalidRequest, StateError, UnknownPlugin, UnsupportedValue
+from worker.changes import assign_positions, feed_rows
 from worker.decisions import Result, decide
 from worker.model import EntryKey, Write
 from worker.quota import Quota
@@ -100,10 +101,19 @@ def _classify(exc: Exception, write: Write) -> StateError:
 class Applier:
     """Turns validated writes into outcomes: applied, superseded, or a typed error."""
 
-    def __init__(self, store: Store, retention_ms: int, quota: Quota | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        retention_ms: int,
+        quota: Quota | None = None,
+        *,
+        changes: bool = True,
+    ) -> None:
         self.store = store
         self.retention_ms = retention_ms
         self.quota = quota or Quota()
+        self.changes = changes
+        """Give each stored change a position and write it to the feed (protocol §8)."""
 
     async def apply(self, writes: Sequence[Write]) -> list[Result | TimedOut]:
         """The outcome of each of ``writes``, applied as one transaction."""
@@ -144,7 +154,14 @@ class Applier:
             decision = decide(
                 writes, states, locked.usage, self.quota, locked.now_ms, self.retention_ms, applied
             )
-            heads = await tx.write_entries(decision.stores, decision.usage, locked)
+            stores = decision.stores
+            if self.changes and locked.now is not None:
+                positions, heads = assign_positions(stores, locked.heads)
+                feed = feed_rows(stores, positions, locked.now)
+                await tx.write_entries(stores, decision.usage, positions, heads, feed)
+            else:
+                heads = locked.heads
+                await tx.write_entries(stores, decision.usage, [None] * len(stores), heads, [])
             await tx.record_conditional_writes(decision.conditional)
         results: list[Result | TimedOut] = list(decision.results)
         return Applied(results, [s.entry for s in decision.stores], [heads])

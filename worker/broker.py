@@ -154,6 +154,13 @@ class Subscription:
     moved, a ``basic.consume`` failed), ``keep`` (a task of the owner's task group)
     makes it so again, with capped exponential back-off.
 
+    Deliveries the owner *parks* (``park``: held unacked for long, like reads waiting for
+    a change) would use up the prefetch, which RabbitMQ counts per consumer: once as many
+    as half the prefetch were parked since the consumer was made, it is made again (cancel,
+    consume), since a new consumer's count starts at nothing while the parked deliveries
+    stay the channel's, to be settled as any other. So parked deliveries never starve the
+    others of the prefetch.
+
     It consumes through aiormq directly, so aio-pika's robust channel does not restore it.
     """
 
@@ -186,6 +193,9 @@ class Subscription:
         self._lock = asyncio.Lock()
         self._backoff = retry_initial
         self._backing_off: asyncio.Task[None] | None = None
+        self.parked = 0
+        self._parked_when_consumed = 0
+        self._renew = False
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
@@ -243,6 +253,19 @@ class Subscription:
         """Settling worked: the next back-off starts short again."""
         self._backoff = self.retry_initial
 
+    def park(self) -> None:
+        """The owner holds one more delivery for long (see the class)."""
+        self.parked += 1
+        if self._tag is not None and self.parked - self._parked_when_consumed >= max(
+            1, self.current_prefetch() // 2
+        ):
+            self._renew = True
+            self._changed.set()
+
+    def unpark(self) -> None:
+        """A parked delivery is being settled."""
+        self.parked = max(0, self.parked - 1)
+
     def settled(self, deliveries: Iterable[Delivery]) -> None:
         """The owner has acked, nacked or dead-lettered these: their bytes are free."""
         freed = sum(len(d.body) for d in deliveries if d.generation == self._generation)
@@ -285,6 +308,12 @@ class Subscription:
         return min(self.prefetch, fitting) if self.prefetch else fitting
 
     async def _reconcile(self) -> None:
+        if self._renew and self.wanted and self._tag is not None:
+            self._renew = False
+            tag, self._tag = self._tag, None
+            if self._underlay is not None and not self._underlay.is_closed:
+                await self._underlay.basic_cancel(tag)
+            log.debug("consumer_renewed", queue=self.queue, parked=self.parked)
         if self.wanted and self._tag is None:
             underlay = await self.channel.get_underlay_channel()
             if self.prefetch or self.max_held_bytes:
@@ -293,6 +322,7 @@ class Subscription:
             if underlay is not self._underlay:
                 underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             self._underlay, self._tag = underlay, ok.consumer_tag
+            self._parked_when_consumed = self.parked
             log.info("subscribed", queue=self.queue)
         elif not self.wanted and self._tag is not None:
             tag, self._tag = self._tag, None
@@ -304,6 +334,7 @@ class Subscription:
         self._tag = None
         self._generation += 1
         self.held_bytes = 0
+        self.parked = self._parked_when_consumed = 0
         self._holds.discard("held_bytes")
         self._changed.set()
 

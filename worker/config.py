@@ -49,8 +49,14 @@ class Settings:
     """Most tombstones (deleted or expired entries remembered for the retention) per plugin;
     0 means no quota."""
 
-    roles: frozenset[str] = frozenset({"writes", "reads"})
-    """What this worker serves: `writes` (the commands queue), `reads` (the rpc queue), or both."""
+    changes: bool = True
+    """The change log and its feed (protocol §8): positions for every change, `changes`
+    reads, and the relay publishing every change to `<prefix>.changes`. Off for deployments
+    that need neither: writes then cost a little less, and `changes` is refused."""
+
+    roles: frozenset[str] = frozenset({"writes", "reads", "relay"})
+    """What this worker does: `writes` (the commands queue), `reads` (the rpc queue), `relay`
+    (publishes the change feed, one worker at a time), any of them."""
 
     batch_size: int = 500
     """Most write messages applied in one transaction."""
@@ -82,6 +88,9 @@ class Settings:
     max_waiting_reads: int = 64
     """Reads of one plugin that may wait for their `after` write at once in one worker;
     past it a read is answered `write_pending` at once."""
+    max_followers: int = 256
+    """`changes` reads of one plugin that may wait for a change at once in one worker
+    (watchers, near caches); past it one is answered at once, with what there is."""
     retention_seconds: int = 7 * 24 * 3600
     """How long tombstones are kept; older writes are rejected as `stale`."""
     future_skew_seconds: int = 300
@@ -158,6 +167,7 @@ class Settings:
             "transaction_max_bytes",
             "held_max_bytes",
             "max_waiting_reads",
+            "max_followers",
             "retention_seconds",
             "retention_interval_seconds",
             "delivery_limit",
@@ -188,8 +198,10 @@ class Settings:
             raise ConfigError(f"{_env_name('prefetch')} must be at least the batch size")
         if not 0 < self.retry_initial_seconds <= self.retry_max_seconds:
             raise ConfigError("retry back-off must satisfy 0 < initial <= max")
-        if not self.roles or not self.roles <= {"writes", "reads"}:
-            raise ConfigError(f"{_env_name('roles')} must be writes, reads or both")
+        if not self.roles or not self.roles <= {"writes", "reads", "relay"}:
+            raise ConfigError(
+                f"{_env_name('roles')} must be one or more of writes, reads and relay"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{_env_name('log_format')} must be text or json")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -235,6 +247,12 @@ def _parse(name: str, type_name: object, raw: str) -> object:
             return float(raw)
         if kind == "frozenset[str]":
             return frozenset(u.strip() for u in raw.split(",") if u.strip())
+        if kind == "bool":
+            return {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}[
+                raw.strip().lower()
+            ]
+    except KeyError:
+        raise ConfigError(f"{_env_name(name)}={raw!r} must be on or off") from None
     except ValueError:
         raise ConfigError(f"{_env_name(name)}={raw!r} is not a valid {kind}") from None
     return raw

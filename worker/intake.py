@@ -45,10 +45,18 @@ from schemas.errors import (
     StateError,
     UnknownPlugin,
 )
-from schemas.messages import GetManyRequest, GetRequest, ListRequest, ReadRequest, WriteCommand
+from schemas.messages import (
+    ChangesRequest,
+    GetManyRequest,
+    GetRequest,
+    ListRequest,
+    ReadRequest,
+    WriteCommand,
+)
 from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 from worker.auth import Authorizer, Caller, Route, routed_plugin
 from worker.broker import Delivery
+from worker.changes import decode_position
 from worker.cursor import decode_cursor
 from worker.frames import UNREADABLE_HEADER
 from worker.model import EntryKey, Write
@@ -252,6 +260,11 @@ class ReadCall(_Received):
     deadline: float = 0.0
     wanted: list[tuple[EntryKey, uuid.UUID | None]] = field(default_factory=list)
     """The entries a ``get`` or ``get_many`` reads, each with the write it waits for."""
+    resume: int | None = None
+    """Where a ``changes`` read that waits reads from next."""
+    parked: bool = False
+    """Waiting (for its ``after`` write or a change), its delivery parked in the
+    subscription (``worker.broker.Subscription.park``)."""
 
     @property
     def op(self) -> str:
@@ -290,26 +303,30 @@ class ReadIntake(_Intake):
             call.wanted = self._wanted(call.request, now_ms)
         except StateError as exc:
             call.error = exc
+        if isinstance(call.request, ChangesRequest):
+            call.deadline = self._deadline(message, now_ms, call.request.wait_ms / 1000)
         return call
 
-    def _deadline(self, message: Delivery, now_ms: int) -> float:
-        """When to stop waiting: 5 s or the expiration after receipt, and never after the
-        caller's own deadline when it sent one (``x-deadline``)."""
+    def _deadline(self, message: Delivery, now_ms: int, wait: float = MAX_WAIT_SECONDS) -> float:
+        """When to stop waiting: ``wait`` (5 s for an ``after``, ``wait_ms`` for
+        ``changes``) or the expiration after receipt, whichever is first, and never after
+        the caller's own deadline when it sent one (``x-deadline``)."""
         received = message.received
         expiration = message.expiration
-        wait = MAX_WAIT_SECONDS if expiration is None else min(expiration, MAX_WAIT_SECONDS)
-        deadline = received + wait
+        deadline = received + (wait if expiration is None else min(expiration, wait))
         caller_deadline = (message.properties.headers or {}).get(DEADLINE_HEADER)
         if isinstance(caller_deadline, int) and not isinstance(caller_deadline, bool):
             deadline = min(deadline, received + (caller_deadline - now_ms) / 1000)
         return deadline
 
     def _wanted(self, request: ReadRequest, now_ms: int) -> list[tuple[EntryKey, uuid.UUID | None]]:
-        if isinstance(request, ListRequest):
+        if isinstance(request, ListRequest | ChangesRequest):
             if request.scope_kind == "instance" and request.scope_id is not None:
                 raise InvalidRequest("scope_id must be null for scope_kind 'instance'")
-            if request.cursor is not None:
+            if isinstance(request, ListRequest) and request.cursor is not None:
                 decode_cursor(request.cursor)
+            if isinstance(request, ChangesRequest) and request.since is not None:
+                decode_position(request.since)
             return []
         if isinstance(request, GetRequest):
             refs = [request]

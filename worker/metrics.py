@@ -84,6 +84,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.changes_published = Counter(
+            "plugin_state_changes_published",
+            "Changes the relay published to <prefix>.changes (protocol §8)",
+            registry=self.registry,
+        )
+        self.relay_lag = Histogram(
+            "plugin_state_relay_lag_seconds",
+            "Time from a change's transaction to the broker's confirm of its publication",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30, 300),
+            registry=self.registry,
+        )
+        self.log_head = Gauge(
+            "plugin_state_change_log_head",
+            "The last position the relay published, per plugin (its change log's head, as "
+            "far as the feed is concerned)",
+            ["plugin_id"],
+            registry=self.registry,
+        )
+
     def count_write(self, outcome: str, count: int = 1) -> None:
         self.writes.labels(outcome=outcome).inc(count)
 

@@ -20,10 +20,19 @@ from msgspec import UNSET, UnsetType
 
 from schemas.codec import JSON, Codec
 from schemas.errors import ReplyTooLarge
-from schemas.messages import ListRequest, PageItem, PageReply, ValueReply
+from schemas.messages import (
+    ChangeItem,
+    ChangesReply,
+    ChangesRequest,
+    ListRequest,
+    PageItem,
+    PageReply,
+    ValueReply,
+)
+from worker import changes
 from worker.cursor import ListPosition, encode_cursor
 from worker.model import EntryKey
-from worker.store import Found, ListBounds, Listed, StoredValue
+from worker.store import Found, ListBounds, Listed, LogPage, StoredValue
 
 FRAMING: Final = 200
 """Bytes of JSON around one value in a reply (field names, version, timestamps), at most."""
@@ -106,7 +115,7 @@ def _successor(text: str) -> str | None:
     return None
 
 
-def list_bounds(request: ListRequest) -> ListBounds:
+def list_bounds(request: ListRequest | ChangesRequest) -> ListBounds:
     """The range of the list order the filters select, as far as the filters given form a
     leading run of (scope_kind, scope_id, namespace, key prefix); the rest stay filters."""
     chain: list[str] = []
@@ -163,3 +172,43 @@ def page_reply(rows: Sequence[Listed], more: bool, codec: Codec) -> PageReply:
             (last.scope_kind, last.scope_id or "", last.namespace, last.key)
         )
     return PageReply(items=items, next_cursor=next_cursor)
+
+
+# ---------------------------------------------------------------------------- changes
+
+LOG_SCAN: Final = 10_000
+"""Most positions one ``changes`` read looks at: a filter that matches little still answers
+soon, with a ``next`` past what it looked at."""
+
+
+def changes_reply(page: LogPage, since: int, limit: int, codec: Codec) -> ChangesReply:
+    """A page of the log as a reply, and where the next read starts: after the last item
+    when the page (or the byte budget) is full, after the last position looked at when the
+    scan window is, else at the head (every change up to it is in this snapshot)."""
+    items: list[ChangeItem] = []
+    for logged in page.changes:
+        if not logged.within:
+            break
+        items.append(
+            ChangeItem(
+                position=changes.encode_position(logged.position),
+                change=logged.change,  # type: ignore[arg-type]
+                scope_kind=logged.entry.scope_kind,  # type: ignore[arg-type]
+                scope_id=logged.entry.scope_id,
+                namespace=logged.entry.namespace,
+                key=logged.entry.key,
+                version=logged.version,
+                value=UNSET
+                if logged.change != "set"
+                else embed(logged.value_json or "null", codec),
+                updated_at=logged.at.isoformat(),
+                expires_at=_timestamp(logged.expires_at),
+            )
+        )
+    if len(items) < len(page.changes) or len(items) == limit:
+        last = page.changes[len(items) - 1].position if items else since
+    elif page.scanned >= LOG_SCAN and page.scanned_to is not None:
+        last = page.scanned_to
+    else:
+        last = max(since, page.head)
+    return ChangesReply(next=changes.encode_position(last), items=items)

@@ -17,9 +17,10 @@ request's expiration, or the caller's own), then get ``write_pending``. At most
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
@@ -28,13 +29,18 @@ from aio_pika.abc import AbstractRobustChannel
 
 from schemas.codec import Codec
 from schemas.errors import (
+    Compacted,
     Internal,
+    InvalidRequest,
     ReplyTooLarge,
     StateError,
+    UnknownPlugin,
     UnsupportedValue,
     WritePending,
 )
 from schemas.messages import (
+    ChangesReply,
+    ChangesRequest,
     ErrorReply,
     GetRequest,
     ListRequest,
@@ -42,7 +48,7 @@ from schemas.messages import (
     Reply,
     ValuesReply,
 )
-from worker import reads
+from worker import changes, reads
 from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
 from worker.config import Settings
 from worker.cursor import decode_cursor, encode_cursor
@@ -51,7 +57,7 @@ from worker.metrics import Metrics
 from worker.model import EntryKey
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
-from worker.store import DATABASE_FAILURES, Found, Store
+from worker.store import DATABASE_FAILURES, Found, LogPage, Store
 from worker.topology import Names
 from worker.wakeups import Wakeups
 
@@ -61,6 +67,8 @@ _POLL_SECONDS: Final = 0.5
 _BURST: Final = 256
 _SLICE: Final = 64
 _STOP: Final = object()
+_END: Final = 2**62
+"""Past every position: reading from it finds nothing but the head (``since: null``)."""
 # What encoding a stored value may fail with: jsonb holds numbers MessagePack cannot
 # (integers past 64 bits), and values written before the nesting limit may nest deeper
 # than an encoder recurses.
@@ -97,7 +105,7 @@ class RpcServer:
         self.plugins = plugins
         self.publisher = publisher
         self.metrics = metrics
-        self.wakeups = wakeups
+        self.wakeups = wakeups.listener()
         self.clock = clock
         self.max_reply = settings.max_reply_bytes
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
@@ -187,16 +195,19 @@ class RpcServer:
                 await self._refuse(call, Internal("the database is unavailable; retry"))
             return
         lookups: list[ReadCall] = []
-        lists: list[ReadCall] = []
+        following: list[ReadCall] = []
+        others: list[Awaitable[None]] = []
         for call in calls:
             refused = self.intake.authorize(call, call.plugin_id, owners)
             if refused is not None:
                 await self._refuse(call, refused)
             elif isinstance(call.request, ListRequest):
-                lists.append(call)
+                others.append(self._serve_list(call))
+            elif isinstance(call.request, ChangesRequest):
+                following.append(call)
             else:
                 lookups.append(call)
-        await asyncio.gather(self._serve_lookups(lookups), *(self._serve_list(c) for c in lists))
+        await asyncio.gather(self._serve_lookups(lookups), self._serve_changes(following), *others)
 
     async def _serve_lookups(self, calls: list[ReadCall]) -> None:
         while calls:
@@ -243,22 +254,32 @@ class RpcServer:
         return again
 
     async def _wait_or_give_up(self, call: ReadCall, now: float) -> None:
+        """Keep ``call`` waiting for its plugin's next change, unless its deadline passed or
+        its plugin has as many waiting as it may (then it is answered now)."""
         plugin = call.plugin_id
         assert plugin is not None
         waiting = self._waiting.setdefault(plugin, [])
+        following = isinstance(call.request, ChangesRequest)
+        cap = self.settings.max_followers if following else self.settings.max_waiting_reads
+        alike = sum(isinstance(c.request, ChangesRequest) == following for c in waiting)
         if call.deadline <= now:
             await self._give_up(call)
-        elif len(waiting) >= self.settings.max_waiting_reads:
-            await self._give_up(
-                call,
-                f"{len(waiting)} reads of this plugin already wait for their writes "
-                f"(at most {self.settings.max_waiting_reads})",
-            )
+        elif alike >= cap:
+            kind = "changes reads" if following else "reads waiting for their writes"
+            await self._give_up(call, f"{alike} {kind} of this plugin already wait (at most {cap})")
         else:
             waiting.append(call)
             self._held.add(call)
+            if not call.parked:
+                call.parked = True
+                self.subscription.park()
 
     async def _give_up(self, call: ReadCall, why: str | None = None) -> None:
+        if isinstance(call.request, ChangesRequest):
+            # Nothing changed in time: the empty page a long poll ends with.
+            resume = changes.encode_position(call.resume or 0)
+            await self._answer(call, lambda: ChangesReply(next=resume, items=[]))
+            return
         reason = why or (
             f"the write named by `after` was not applied within "
             f"{max(call.deadline - call.received_at, 0):.1f} s"
@@ -285,6 +306,72 @@ class RpcServer:
             return
         await self._answer(call, lambda: reads.page_reply(rows, more, call.codec))
 
+    async def _serve_changes(self, calls: list[ReadCall]) -> None:
+        """Answer pages of the change log, or let them wait (``wait_ms``) while empty. Reads
+        of the same page (the same plugin, position, filters and limit: the near caches
+        and watchers of a plugin, woken by one commit) are one query."""
+        groups: dict[tuple[object, ...], list[ReadCall]] = {}
+        for call in calls:
+            request = call.request
+            assert isinstance(request, ChangesRequest)
+            since = call.resume
+            if since is None and request.since is not None:
+                since = changes.decode_position(request.since)
+            key = (
+                request.plugin_id,
+                since,
+                request.limit,
+                request.scope_kind,
+                request.scope_id,
+                request.namespace,
+                request.prefix,
+            )
+            groups.setdefault(key, []).append(call)
+        await asyncio.gather(*(self._serve_page(group) for group in groups.values()))
+
+    async def _serve_page(self, calls: list[ReadCall]) -> None:
+        """Serve reads of one page of the log (``_serve_changes``)."""
+        first = calls[0]
+        request = first.request
+        assert isinstance(request, ChangesRequest)
+        if not self.settings.changes:
+            for call in calls:
+                await self._answer_error(
+                    call, InvalidRequest("the change log is off in this deployment")
+                )
+            return
+        since = first.resume
+        if since is None and request.since is not None:
+            since = changes.decode_position(request.since)
+        try:
+            page = await self.store.read_changes(
+                request.plugin_id,
+                _END if since is None else since,
+                reads.list_bounds(request),
+                limit=request.limit,
+                scan=reads.LOG_SCAN,
+                budget=self.max_reply - reads.FRAMING,
+            )
+        except DATABASE_FAILURES as exc:
+            log.warning("rpc_database_failed", error=repr(exc), requests=len(calls))
+            for call in calls:
+                await self._refuse(call, Internal("the database is unavailable; retry"))
+            return
+        refused = _refusal(page, since)
+        for call in calls:
+            if refused is not None:
+                await self._answer_error(call, refused)
+                continue
+            assert page is not None
+            reply = reads.changes_reply(
+                page, page.head if since is None else since, request.limit, call.codec
+            )
+            if not reply.items and call.deadline > time.monotonic():
+                call.resume = changes.decode_position(reply.next)
+                await self._wait_or_give_up(call, time.monotonic())
+            else:
+                await self._answer(call, functools.partial(_same, reply))
+
     # ------------------------------------------------------------------ waiting
 
     async def _wait_loop(self) -> None:
@@ -300,7 +387,9 @@ class RpcServer:
 
     async def _recheck(self, changed: set[uuid.UUID] | None) -> None:
         """Re-check the waiters of the plugins that changed (all of them on a poll, or when
-        notices may have been missed); answer those past their deadline."""
+        notices may have been missed); answer those past their deadline. On a poll, the
+        ``changes`` readers are re-read only where their plugin's head moved (one query for
+        all of them), so thousands of followers cost one query a poll, not thousands."""
         now = time.monotonic()
         calls: list[ReadCall] = []
         for plugin in list(self._waiting):
@@ -314,12 +403,30 @@ class RpcServer:
                 self._waiting[plugin] = [c for c in waiting if c.deadline > now]
                 for call in expired:
                     await self._give_up(call)
-        if calls:
-            try:
-                await self._serve_lookups(calls)
-            except DATABASE_FAILURES as exc:
-                log.warning("rpc_recheck_failed", error=repr(exc))
+        following = [c for c in calls if isinstance(c.request, ChangesRequest)]
+        lookups = [c for c in calls if not isinstance(c.request, ChangesRequest)]
+        if following and changed is not None and not changed:
+            following = await self._moved(following, now)
+        if lookups or following:
+            await asyncio.gather(self._serve_lookups(lookups), self._serve_changes(following))
         await self._flush_acks()
+
+    async def _moved(self, following: list[ReadCall], now: float) -> list[ReadCall]:
+        """Of these ``changes`` readers, those whose plugin's log has moved past where they
+        wait, or whose deadline passed; the rest wait on."""
+        try:
+            heads = await self.store.heads({c.plugin_id for c in following if c.plugin_id})
+        except DATABASE_FAILURES as exc:
+            log.warning("rpc_recheck_failed", error=repr(exc))
+            heads = {}
+        moved = []
+        for call in following:
+            assert call.plugin_id is not None
+            if call.deadline <= now or heads.get(call.plugin_id, 0) > (call.resume or 0):
+                moved.append(call)
+            else:
+                self._waiting.setdefault(call.plugin_id, []).append(call)
+        return moved
 
     # ------------------------------------------------------------------ replying
 
@@ -346,6 +453,9 @@ class RpcServer:
         its error instead."""
         self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received_at)
         self._held.discard(call)
+        if call.parked:
+            call.parked = False
+            self.subscription.unpark()
         body = self._encode(call, build)
         reply_to = call.answer_to(None)
         if reply_to is None:  # pragma: no cover - refused calls never get here
@@ -402,6 +512,27 @@ class RpcServer:
                 except BROKER_FAILURES as exc:
                     log.info("rpc_ack_lost_with_channel", error=repr(exc))
         self.subscription.settled([*failed, *settled])
+
+
+def _same(reply: Reply) -> Reply:
+    return reply
+
+
+def _refusal(page: LogPage | None, since: int | None) -> StateError | None:
+    """Why a page of the log read from ``since`` cannot be answered, if it cannot."""
+    if page is None:
+        return UnknownPlugin("the plugin is not registered")
+    if since is None:
+        return None
+    if since < page.purged_through:
+        return Compacted(
+            f"position {since} is older than the log keeps (deletions up to "
+            f"{page.purged_through} are gone): list the entries again and follow from "
+            "a position taken before the listing"
+        )
+    if since > page.head:
+        return InvalidRequest("since is ahead of the change log")
+    return None
 
 
 def _error_body(codec: Codec, error: StateError) -> bytes:

@@ -6,6 +6,7 @@ module loads them once and gives each a typed method. Batches go to Postgres as 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ LOCK_CLASS: Final = 0x5053
 MIGRATE_LOCK: Final = 1
 RETENTION_LOCK: Final = 2
 EXPIRY_LOCK: Final = 3
+RELAY_LOCK: Final = 4
 
 # Failures that are not the data's fault (Postgres down, restarting, a cut connection, a
 # timeout): callers keep their work and retry. Data faults are handled in the applier first.
@@ -108,17 +110,48 @@ class ListBounds:
     prefix: str
 
 
-async def create_pool(database_url: str, size: int, command_timeout: float) -> asyncpg.Pool:
-    """A pool whose backends name themselves, so operators (and fault tests) can find them."""
+async def create_pool(
+    database_url: str, size: int, command_timeout: float, application_name: str = APPLICATION_NAME
+) -> asyncpg.Pool:
+    """A pool whose backends name themselves (``application_name``, which a worker makes
+    its own), so operators (and fault tests) can find them."""
     pool = await asyncpg.create_pool(
         database_url,
         min_size=1,
         max_size=size,
         command_timeout=command_timeout,
-        server_settings={"application_name": APPLICATION_NAME},
+        server_settings={"application_name": application_name[:63]},
     )
     assert pool is not None  # asyncpg types the pool as optional only for the un-awaited form
     return pool
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedChange:
+    """One entry's newest change, as the change log holds it."""
+
+    position: int
+    entry: EntryKey
+    version: uuid.UUID
+    change: str
+    """``set``, ``delete`` or ``expire``."""
+    at: datetime
+    value_json: str | None
+    """A set's value, unless held back by the page's byte budget (``within``)."""
+    expires_at: datetime | None
+    within: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    """A page of a plugin's change log, read in one snapshot."""
+
+    head: int
+    purged_through: int
+    scanned_to: int | None
+    """The last position looked at (None: none after ``since``)."""
+    scanned: int
+    changes: list[LoggedChange]
 
 
 class StoreInconsistent(RuntimeError):
@@ -141,9 +174,11 @@ class Locked:
 
     usage: dict[uuid.UUID, Usage]
     heads: dict[uuid.UUID, int]
-    """Each plugin's last position given (its order of writes, see migration 005)."""
+    """Each plugin's last position given (its order of writes, see ``worker.changes``)."""
     now_ms: int
     """The database's clock, Unix ms."""
+    now: datetime | None
+    """The transaction's time (what ``updated_at`` records)."""
 
 
 class WriteTransaction:
@@ -160,6 +195,7 @@ class WriteTransaction:
             usage={r["plugin_id"]: Usage(r["entries"], r["bytes"], r["tombstones"]) for r in rows},
             heads={r["plugin_id"]: r["head"] for r in rows},
             now_ms=rows[0]["now_ms"] if rows else 0,
+            now=rows[0]["now"] if rows else None,
         )
 
     async def read_entries(self, entries: Sequence[EntryKey]) -> dict[EntryKey, EntryState]:
@@ -173,6 +209,57 @@ class WriteTransaction:
             )
             for row in rows
         }
+
+    async def try_lock(self, job: int) -> bool:
+        """The transaction's advisory lock of a housekeeping job (one worker at a time)."""
+        return bool(await self.conn.fetchval(QUERIES["try_lock"], LOCK_CLASS, job))
+
+    async def expired_plugins(self, limit: int) -> list[uuid.UUID]:
+        rows = await self.conn.fetch(QUERIES["expired_plugins"], limit)
+        return [row["plugin_id"] for row in rows]
+
+    async def sweep_expired(
+        self, limit: int, plugins: Sequence[uuid.UUID], changes: bool
+    ) -> tuple[list[Swept], datetime | None]:
+        """Turn up to ``limit`` expired entries of ``plugins`` (locked) into tombstones;
+        the entries, and the transaction's time."""
+        rows = await self.conn.fetch(QUERIES["sweep_expired"], limit, list(plugins), changes)
+        removed = rows[0]["removed"] if rows else 0
+        if removed != len(rows):
+            raise StoreInconsistent(
+                f"removed {removed} expired rows but made {len(rows)} tombstones"
+            )
+        swept = [
+            Swept(
+                EntryKey(
+                    r["plugin_id"], r["scope_kind"], r["scope_id"], r["namespace"], r["state_key"]
+                ),
+                r["version"],
+                r["position"],
+                r["expires_at"],
+            )
+            for r in rows
+        ]
+        return swept, (rows[0]["now"] if rows else None)
+
+    async def feed(self, rows: Sequence[FeedRow]) -> None:
+        """Write rows to the feed's outbox, in this transaction."""
+        if rows:
+            await self.conn.execute(QUERIES["feed_rows"], *_feed_columns(rows))
+
+    async def feed_next(
+        self, plugins: int, per_plugin: int, max_bytes: int, after: uuid.UUID | None
+    ) -> list[FeedRow]:
+        """The relay's next rows from the outbox (``feed_next`` says which)."""
+        rows = await self.conn.fetch(QUERIES["feed_next"], plugins, per_plugin, max_bytes, after)
+        return [
+            FeedRow(r["plugin_id"], r["position"], r["last_position"], r["items"], r["waited"])
+            for r in rows
+        ]
+
+    async def feed_published(self, through: Mapping[uuid.UUID, int]) -> None:
+        """Each plugin's rows up to the one at its position were published: remove them."""
+        await self.conn.execute(QUERIES["feed_published"], list(through), list(through.values()))
 
     async def applied_conditional_writes(self, writes: Sequence[Write]) -> set[uuid.UUID]:
         """Which of these conditional writes were applied before (redeliveries)."""
@@ -192,17 +279,18 @@ class WriteTransaction:
             )
 
     async def write_entries(
-        self, stores: Sequence[EntryWrite], usage: Mapping[uuid.UUID, Usage], locked: Locked
-    ) -> dict[uuid.UUID, int]:
-        """Store the winning entry writes, each at the next position of its plugin, and the
-        plugins' changes of usage; returns each plugin's head after it."""
-        heads = dict(locked.heads)
-        positions = []
-        for entry_write in stores:
-            heads[entry_write.entry.plugin_id] += 1
-            positions.append(heads[entry_write.entry.plugin_id])
+        self,
+        stores: Sequence[EntryWrite],
+        usage: Mapping[uuid.UUID, Usage],
+        positions: Sequence[int | None],
+        heads: Mapping[uuid.UUID, int],
+        feed: Sequence[FeedRow],
+    ) -> None:
+        """Store the winning entry writes at their positions (None when the change log is
+        off), the plugins' changes of usage and heads, and the feed's rows (one per
+        plugin, or none)."""
         if not stores:
-            return heads
+            return
         plugins = sorted({e.entry.plugin_id for e in stores} | set(usage))
         change = [usage.get(p, Usage()) for p in plugins]
         row = await self.conn.fetchrow(
@@ -213,12 +301,13 @@ class WriteTransaction:
             [e.value_json for e in stores],
             [e.value_bytes for e in stores],
             [e.expires_at_ms for e in stores],
-            positions,
+            list(positions),
             plugins,
             [c.entries for c in change],
             [c.bytes for c in change],
             [c.tombstones for c in change],
             [heads[p] for p in plugins],
+            *_feed_columns(feed),
         )
         assert row is not None
         deletes = sum(e.is_delete for e in stores)
@@ -227,7 +316,39 @@ class WriteTransaction:
                 f"wrote {row['versions']} register rows and {row['upserted']} values for "
                 f"{len(stores)} entry writes ({deletes} deletes)"
             )
-        return heads
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRow:
+    """One plugin's changes of one transaction, as the feed's outbox holds them."""
+
+    plugin_id: uuid.UUID
+    position: int
+    """The first change's; the others follow one by one."""
+    last_position: int
+    items: bytes
+    """The change items, JSON lines, in position order, as published."""
+    waited: float = 0.0
+    """Seconds since its transaction began (as the relay reads it)."""
+
+
+def _feed_columns(rows: Sequence[FeedRow]) -> tuple[list[Any], ...]:
+    return (
+        [r.plugin_id for r in rows],
+        [r.position for r in rows],
+        [r.last_position for r in rows],
+        [r.items for r in rows],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """An expired entry the sweeper turned into a tombstone."""
+
+    entry: EntryKey
+    version: uuid.UUID
+    position: int | None
+    expires_at: datetime | None
 
 
 class Store:
@@ -252,8 +373,26 @@ class Store:
     async def write_transaction(self) -> AsyncIterator[WriteTransaction]:
         """One write transaction on a connection of its own; committed when the block
         ends, rolled back when it raises."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             yield WriteTransaction(conn)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A transaction on a connection of its own, whose cancellation always surfaces.
+
+        A task cancelled inside the block rolls back; when its connection died meanwhile,
+        the rollback raises a database failure in place of the ``CancelledError``, and a
+        loop that retries database failures (the relay, the sweeper, the retention) would
+        swallow the cancel and never stop. The cancel is what happened: it is re-raised."""
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except DATABASE_FAILURES as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
+                raise
 
     async def lookup_entries(
         self, entries: Sequence[EntryKey], wants_version: Sequence[bool], budget: int
@@ -318,11 +457,66 @@ class Store:
             page.append(Listed(entry, value))
         return page, len(rows) > limit
 
+    async def read_changes(
+        self,
+        plugin_id: uuid.UUID,
+        since: int,
+        bounds: ListBounds,
+        *,
+        limit: int,
+        scan: int,
+        budget: int,
+    ) -> LogPage | None:
+        """A page of the plugin's change log after ``since`` (None: no such plugin)."""
+        rows = await self.pool.fetch(
+            QUERIES["read_changes"],
+            plugin_id,
+            since,
+            scan,
+            limit,
+            bounds.scope_kind,
+            bounds.scope_id,
+            bounds.namespace,
+            bounds.prefix,
+            budget,
+        )
+        if not rows:
+            return None
+        first = rows[0]
+        changes = [
+            LoggedChange(
+                position=r["position"],
+                entry=EntryKey(
+                    plugin_id, r["scope_kind"], r["scope_id"], r["namespace"], r["state_key"]
+                ),
+                version=r["version"],
+                change=("expire" if r["expired"] else "delete") if r["deleted"] else "set",
+                at=r["updated_at"] if not r["deleted"] and r["updated_at"] else r["changed_at"],
+                value_json=r["value_json"],
+                expires_at=r["expires_at"] if not r["deleted"] else r["register_expires_at"],
+                within=r["within"],
+            )
+            for r in rows
+            if r["position"] is not None
+        ]
+        return LogPage(
+            head=first["head"],
+            purged_through=first["purged_through"],
+            scanned_to=first["scanned_to"],
+            scanned=first["scanned"],
+            changes=changes,
+        )
+
+    async def heads(self, plugins: Iterable[uuid.UUID]) -> dict[uuid.UUID, int]:
+        """Where each plugin's change log ends (its last position given)."""
+        rows = await self.pool.fetch(QUERIES["heads"], list(plugins))
+        return {row["plugin_id"]: row["head"] for row in rows}
+
     async def purge_tombstones(self, older_than_seconds: float, limit: int) -> int | None:
         """Remove up to ``limit`` tombstones older than ``older_than_seconds`` by the
         database's clock. Returns how many went, or None when another worker holds the job's
         lock."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             if not await conn.fetchval(QUERIES["try_lock"], LOCK_CLASS, RETENTION_LOCK):
                 return None
             rows = await conn.fetch(QUERIES["old_tombstone_plugins"], older_than_seconds, limit)
@@ -338,26 +532,6 @@ class Store:
     async def purge_conditional_writes(self, older_than_seconds: float) -> None:
         """Forget applied conditional writes older than ``older_than_seconds``."""
         await self.pool.execute(QUERIES["purge_conditional_writes"], older_than_seconds)
-
-    async def sweep_expired(self, limit: int) -> tuple[int, list[uuid.UUID]] | None:
-        """Turn up to ``limit`` expired entries into tombstones. Returns how many went and
-        their plugins, or None when another worker holds the job's lock."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(QUERIES["try_lock"], LOCK_CLASS, EXPIRY_LOCK):
-                return None
-            rows = await conn.fetch(QUERIES["expired_plugins"], limit)
-            plugins = [row["plugin_id"] for row in rows]
-            if not plugins:
-                return 0, []
-            await WriteTransaction(conn).lock_plugins(plugins)
-            swept = await conn.fetchrow(QUERIES["sweep_expired"], limit, plugins)
-            assert swept is not None
-            if swept["removed"] != swept["tombstoned"]:
-                raise StoreInconsistent(
-                    f"removed {swept['removed']} expired rows but made {swept['tombstoned']} "
-                    "tombstones"
-                )
-        return swept["removed"], list(swept["plugins"])
 
     async def add_plugin(
         self, plugin_key: str, plugin_id: uuid.UUID | None, amqp_user: str | None
@@ -383,7 +557,7 @@ class Store:
         Without ``purge``, a plugin that has state is kept. Returns the number of entries
         removed with it, or None when it was kept; LookupError when it is gone already.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             await WriteTransaction(conn).lock_plugins([plugin_id])
             if await conn.fetchval(QUERIES["lock_plugin"], plugin_id) is None:
                 raise LookupError(f"plugin {plugin_id} no longer exists")

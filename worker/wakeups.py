@@ -1,4 +1,5 @@
-"""Wakes what waits for a plugin's state to change: reads waiting for their ``after`` write.
+"""Wakes what waits for a plugin's state to change: reads waiting for their ``after`` write
+or for a change (``changes`` with ``wait_ms``), and the relay of the change feed.
 
 Commits of this worker are signalled directly by its consumer. Commits of other workers
 arrive as *commit notices*: after each transaction, the committing worker publishes the ids
@@ -41,20 +42,19 @@ def commits_exchange(prefix: str) -> str:
     return f"{prefix}.commits"
 
 
-class Wakeups:
-    """Collects which plugins changed since the waiter last looked."""
+class Listener:
+    """One waiter's view of the commits: which plugins changed since it last looked."""
 
     def __init__(self) -> None:
         self._changed: set[uuid.UUID] = set()
         self._everything = False
         self._event = asyncio.Event()
 
-    def committed(self, plugins: Iterable[uuid.UUID]) -> None:
-        self._changed.update(plugins)
+    def _committed(self, plugins: set[uuid.UUID]) -> None:
+        self._changed |= plugins
         self._event.set()
 
-    def missed(self) -> None:
-        """Notices may have been lost: every waiter should look again."""
+    def _missed(self) -> None:
         self._everything = True
         self._event.set()
 
@@ -73,6 +73,29 @@ class Wakeups:
             self._everything = False
             return None
         return changed
+
+
+class Wakeups:
+    """Hands every commit (this worker's and, through notices, the others') to each
+    listener: the reads that wait, the relay."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def listener(self) -> Listener:
+        listener = Listener()
+        self._listeners.append(listener)
+        return listener
+
+    def committed(self, plugins: Iterable[uuid.UUID]) -> None:
+        changed = set(plugins)
+        for listener in self._listeners:
+            listener._committed(changed)
+
+    def missed(self) -> None:
+        """Notices may have been lost: every listener should look again."""
+        for listener in self._listeners:
+            listener._missed()
 
 
 class CommitNotices:

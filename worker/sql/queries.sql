@@ -19,7 +19,7 @@ SELECT id, amqp_user FROM plugins WHERE id = ANY($1::uuid[]);
 -- taken after the lock was granted, reads exactly the state the writes meet. (It must be a
 -- statement of its own: a snapshot taken before waiting for the lock would miss what the
 -- transaction we waited for committed.) A plugin without a row is not registered.
-SELECT plugin_id, entries, bytes, tombstones, head,
+SELECT plugin_id, entries, bytes, tombstones, head, now() AS now,
        (extract(epoch FROM statement_timestamp()) * 1000)::bigint AS now_ms
 FROM plugin_counters
 WHERE plugin_id = ANY($1::uuid[])
@@ -84,8 +84,10 @@ WHERE id < (lpad(to_hex((extract(epoch FROM statement_timestamp()
 -- The last statement of a write transaction: the entry writes that won (decided under the
 -- plugin locks, each entry once), in one round trip. $1..$11 are the entries: key, version,
 -- whether it is a delete, the value's JSON text (null for a delete), its size, when it
--- expires (Unix ms, or null) and its position in its plugin's order; $12..$16 each plugin's
--- change of usage and its new head. Every part is a data-modifying CTE of this one
+-- expires (Unix ms, or null) and its position in its plugin's order (null when the change
+-- log is off); $12..$16 each plugin's change of usage and its new head; $17..$20 the feed's
+-- rows, one per plugin: its first and last position and its items (none when the log is
+-- off). Every part is a data-modifying CTE of this one
 -- statement, so all of it runs; the counts let the caller check that nothing was skipped.
 WITH versions AS (
     INSERT INTO plugin_state_versions AS v
@@ -152,12 +154,17 @@ WITH versions AS (
         AS d (plugin_id, entries, bytes, tombstones, head)
     WHERE c.plugin_id = d.plugin_id
     RETURNING 1
+), fed AS (
+    INSERT INTO plugin_state_feed (plugin_id, position, last_position, items)
+    SELECT * FROM unnest($17::uuid[], $18::bigint[], $19::bigint[], $20::bytea[])
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM versions) AS versions,
        (SELECT count(*) FROM upserted) AS upserted,
        (SELECT count(*) FROM removed_scoped) + (SELECT count(*) FROM removed_instance)
            AS removed,
-       (SELECT count(*) FROM counted) AS counted;
+       (SELECT count(*) FROM counted) AS counted,
+       (SELECT count(*) FROM fed) AS fed;
 
 -- name: lookup_entries
 -- The values of many entries in one round trip, one row per entry (n is its 1-based
@@ -296,7 +303,8 @@ SELECT DISTINCT plugin_id FROM (
 -- Removes up to $2 tombstones of the plugins $3 (whose counters rows the transaction has
 -- locked) older than the cut-off ($1 seconds, by the database's clock), both by when they
 -- became tombstones and by version: a write older than the retention is refused as stale,
--- so nothing can bring such an entry back. The counters follow in the same statement.
+-- so nothing can bring such an entry back. The counters follow in the same statement, and
+-- purged_through: a change log reader from before those positions may have missed them.
 WITH cut AS (
     SELECT statement_timestamp() - make_interval(secs => $1::double precision) AS at
 ), purged AS (
@@ -312,10 +320,13 @@ WITH cut AS (
       AND v.deleted
       AND v.version < (lpad(to_hex((extract(epoch FROM cut.at) * 1000)::bigint), 12, '0')
                        || '70008000000000000000')::uuid
-    RETURNING v.plugin_id
+    RETURNING v.plugin_id, v.position
 ), counted AS (
-    UPDATE plugin_counters AS c SET tombstones = c.tombstones - p.n
-    FROM (SELECT plugin_id, count(*) AS n FROM purged GROUP BY plugin_id) AS p
+    UPDATE plugin_counters AS c
+    SET tombstones = c.tombstones - p.n,
+        purged_through = greatest(c.purged_through, coalesce(p.through, 0))
+    FROM (SELECT plugin_id, count(*) AS n, max(position) AS through
+          FROM purged GROUP BY plugin_id) AS p
     WHERE c.plugin_id = p.plugin_id
     RETURNING 1
 )
@@ -334,9 +345,10 @@ SELECT DISTINCT plugin_id FROM (
 -- name: sweep_expired
 -- Turns up to $1 expired entries of the plugins $2 (whose counters rows the transaction has
 -- locked) into tombstones at their version: the row goes from plugin_state, the register
--- keeps the version (marked deleted and expired, at the next position of its plugin), so an
--- older write still cannot bring the value back. The counters follow. Returns how many rows
--- went and how many register rows became tombstones (the caller checks they agree).
+-- keeps the version (marked deleted and expired, at the next position of its plugin when the
+-- change log is on: $3), so an older write still cannot bring the value back. The counters
+-- follow. Returns the entries swept (the caller checks each became a tombstone, and writes
+-- their changes to the feed).
 WITH gone AS (
     DELETE FROM plugin_state AS s
     WHERE s.ctid IN (
@@ -348,12 +360,13 @@ WITH gone AS (
     )
       AND s.expires_at <= statement_timestamp()
     RETURNING s.plugin_id, s.scope_kind, s.scope_id, s.namespace, s.state_key, s.version,
-              coalesce(s.value_bytes, octet_length(s.value_json::text)) AS value_bytes
+              s.expires_at, coalesce(s.value_bytes, octet_length(s.value_json::text))
+                  AS value_bytes
 ), positioned AS (
-    SELECT g.*, c.head + row_number() OVER (
+    SELECT g.*, CASE WHEN $3::bool THEN c.head + row_number() OVER (
                PARTITION BY g.plugin_id
                ORDER BY g.scope_kind, g.scope_id, g.namespace, g.state_key
-           ) AS position
+           ) END AS position
     FROM gone g JOIN plugin_counters c ON c.plugin_id = g.plugin_id
 ), tombstoned_scoped AS (
     UPDATE plugin_state_versions AS v
@@ -364,7 +377,8 @@ WITH gone AS (
       AND v.plugin_id = p.plugin_id AND v.scope_kind = p.scope_kind
       AND v.scope_id = p.scope_id AND v.namespace = p.namespace
       AND v.state_key = p.state_key AND v.version = p.version
-    RETURNING 1
+    RETURNING v.plugin_id, v.scope_kind, v.scope_id, v.namespace, v.state_key, v.version,
+              v.position, v.expires_at
 ), tombstoned_instance AS (
     UPDATE plugin_state_versions AS v
     SET deleted = true, expired = true, value_bytes = NULL, deleted_at = now(),
@@ -373,20 +387,128 @@ WITH gone AS (
     WHERE p.scope_id IS NULL AND v.scope_id IS NULL
       AND v.plugin_id = p.plugin_id AND v.scope_kind = p.scope_kind
       AND v.namespace = p.namespace AND v.state_key = p.state_key AND v.version = p.version
-    RETURNING 1
+    RETURNING v.plugin_id, v.scope_kind, v.scope_id, v.namespace, v.state_key, v.version,
+              v.position, v.expires_at
 ), counted AS (
     UPDATE plugin_counters AS c
     SET entries = c.entries - g.n, bytes = c.bytes - g.bytes,
-        tombstones = c.tombstones + g.n, head = c.head + g.n
+        tombstones = c.tombstones + g.n,
+        head = c.head + CASE WHEN $3::bool THEN g.n ELSE 0 END
     FROM (SELECT plugin_id, count(*) AS n, sum(value_bytes) AS bytes
           FROM gone GROUP BY plugin_id) AS g
     WHERE c.plugin_id = g.plugin_id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone) AS removed,
-       (SELECT count(*) FROM tombstoned_scoped) + (SELECT count(*) FROM tombstoned_instance)
-           AS tombstoned,
-       ARRAY(SELECT DISTINCT plugin_id FROM gone) AS plugins;
+SELECT (SELECT count(*) FROM gone) AS removed, t.*, now() AS now
+FROM (SELECT * FROM tombstoned_scoped UNION ALL SELECT * FROM tombstoned_instance) t;
+
+-- name: feed_rows
+-- Write the feed's rows of a sweep ($1..$4, as write_entries' $17..$20), in its transaction.
+INSERT INTO plugin_state_feed (plugin_id, position, last_position, items)
+SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[]);
+
+-- name: read_changes
+-- A page of a plugin's change log after position $2: its entries' newest changes in
+-- position order (the register, so compacted: one change per entry), with the filters of
+-- list ($5..$8), at most $4 of them, and at most $3 positions looked at (so a filter that
+-- matches little still answers soon; `scanned` says how far it looked). The plugin's head
+-- and what its retention removed come from the same snapshot, which holds every change
+-- committed before it and none after: positions are given in commit order, so what the
+-- snapshot holds is all of the log up to the head. Values are sent while the page's running
+-- size stays within $9 bytes (the first always), like list's.
+WITH scanned AS (
+    SELECT v.* FROM plugin_state_versions v
+    WHERE v.plugin_id = $1 AND v.position IS NOT NULL AND v.position > $2
+    ORDER BY v.position
+    LIMIT $3
+), meta AS (
+    SELECT c.head, c.purged_through,
+           (SELECT max(position) FROM scanned) AS scanned_to,
+           (SELECT count(*) FROM scanned) AS scanned
+    FROM plugin_counters c WHERE c.plugin_id = $1
+), matched AS (
+    SELECT v.* FROM scanned v
+    WHERE ($5::text IS NULL OR v.scope_kind = $5)
+      AND ($6::text IS NULL OR coalesce(v.scope_id, '') = $6)
+      AND ($7::text IS NULL OR v.namespace = $7)
+      AND starts_with(v.state_key, $8)
+    ORDER BY v.position
+    LIMIT $4
+), valued AS (
+    SELECT m.position, m.scope_kind, m.scope_id, m.namespace, m.state_key, m.version,
+           m.deleted, m.expired, m.changed_at, m.expires_at AS register_expires_at,
+           s.value_json, s.updated_at, s.expires_at,
+           coalesce(s.value_bytes, octet_length(s.value_json::text), 0) AS value_bytes
+    FROM matched m
+    LEFT JOIN LATERAL (
+        SELECT s.value_json, s.updated_at, s.expires_at, s.value_bytes FROM plugin_state s
+        WHERE NOT m.deleted AND m.scope_id IS NOT NULL
+          AND s.plugin_id = m.plugin_id AND s.scope_kind = m.scope_kind
+          AND s.scope_id = m.scope_id AND s.namespace = m.namespace
+          AND s.state_key = m.state_key AND s.version = m.version
+        UNION ALL
+        SELECT s.value_json, s.updated_at, s.expires_at, s.value_bytes FROM plugin_state s
+        WHERE NOT m.deleted AND m.scope_id IS NULL AND s.scope_id IS NULL
+          AND s.plugin_id = m.plugin_id AND s.scope_kind = m.scope_kind
+          AND s.namespace = m.namespace AND s.state_key = m.state_key
+          AND s.version = m.version
+    ) s ON true
+)
+SELECT meta.head, meta.purged_through, meta.scanned_to, meta.scanned, v.position,
+       v.scope_kind, v.scope_id, v.namespace, v.state_key, v.version, v.deleted, v.expired,
+       v.changed_at, v.register_expires_at, v.updated_at, v.expires_at,
+       CASE WHEN row_number() OVER w = 1 OR sum(v.value_bytes + 200) OVER w <= $9::bigint
+            THEN v.value_json END AS value_json,
+       row_number() OVER w = 1 OR sum(v.value_bytes + 200) OVER w <= $9::bigint AS within
+FROM meta LEFT JOIN valued v ON true
+WINDOW w AS (ORDER BY v.position ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+ORDER BY v.position;
+
+-- name: heads
+-- Where each of these plugins' change logs ends.
+SELECT plugin_id, head FROM plugin_counters WHERE plugin_id = ANY($1::uuid[]);
+
+-- name: feed_next
+-- The relay's next rows: for up to $1 plugins with rows in the outbox (in plugin order,
+-- after $4 when given, so every plugin gets its turn however busy the first ones are), each
+-- plugin's first $2 rows in position order, cut where the running size passes $3 bytes
+-- (the first row always goes). A prefix of each plugin's rows, so publishing them in this
+-- order keeps each plugin's log order. The plugins are found by skipping along the primary
+-- key (one probe per plugin), not by reading the whole outbox.
+WITH RECURSIVE plugins AS (
+    (SELECT plugin_id FROM plugin_state_feed
+     WHERE $4::uuid IS NULL OR plugin_id > $4::uuid
+     ORDER BY plugin_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT f.plugin_id FROM plugin_state_feed f
+            WHERE f.plugin_id > p.plugin_id ORDER BY f.plugin_id LIMIT 1)
+    FROM plugins p WHERE p.plugin_id IS NOT NULL
+), picked AS (
+    SELECT f.plugin_id, f.position, f.last_position, f.items, f.at
+    FROM (SELECT plugin_id FROM plugins WHERE plugin_id IS NOT NULL LIMIT $1) p
+    CROSS JOIN LATERAL (
+        SELECT * FROM plugin_state_feed f
+        WHERE f.plugin_id = p.plugin_id
+        ORDER BY f.position LIMIT $2
+    ) f
+), sized AS (
+    SELECT plugin_id, position, last_position, items, at,
+           row_number() OVER w AS n, sum(octet_length(items)) OVER w AS running
+    FROM picked
+    WINDOW w AS (ORDER BY plugin_id, position ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+)
+SELECT plugin_id, position, last_position, items,
+       extract(epoch FROM clock_timestamp() - at)::double precision AS waited
+FROM sized
+WHERE n = 1 OR running <= $3
+ORDER BY plugin_id, position;
+
+-- name: feed_published
+-- The relay published each plugin's ($1) rows up to the one at position $2: they leave the
+-- outbox.
+DELETE FROM plugin_state_feed f
+USING unnest($1::uuid[], $2::bigint[]) AS d (plugin_id, through)
+WHERE f.plugin_id = d.plugin_id AND f.position <= d.through;
 
 -- name: try_lock
 -- A transaction-scoped advisory lock: one worker at a time runs a housekeeping job.

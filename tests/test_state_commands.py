@@ -189,3 +189,25 @@ async def test_conditional_writes_from_the_command_line_exit_3_on_a_conflict(
     assert wrong.exit_code == 3, wrong.output
     deleted = await invoke("delete", "--scope", "run:R-1", "owner", "--if-version", claim["id"])
     assert deleted.exit_code == 0, deleted.output
+
+
+async def test_watch_prints_the_entries_then_changes_and_resumes_from_a_position(
+    start_worker: StartWorker, invoke: Invoke
+) -> None:
+    await start_worker()
+    await invoke("set", "--scope", "issue:ISS-1", "a", "1", "--wait")
+    first = await invoke("watch", "--scope", "issue:ISS-1", "--until-synced")
+    assert first.exit_code == 0, first.output
+    lines = output(first)
+    assert [(e["event"], e.get("key"), e.get("value")) for e in lines] == [
+        ("change", "a", 1),
+        ("synced", None, None),
+    ]
+    await invoke("set", "--scope", "issue:ISS-1", "b", '"two"', "--wait")
+    await invoke("delete", "--scope", "issue:ISS-1", "a", "--wait")
+    resumed = await invoke("watch", "--since", lines[-1]["position"], "--until-synced")
+    assert [(e["event"], e.get("change"), e.get("key")) for e in output(resumed)] == [
+        ("change", "set", "b"),
+        ("change", "delete", "a"),
+        ("synced", None, None),
+    ]

@@ -1,5 +1,5 @@
 """Operator commands that read and write a plugin's state through the worker, as a plugin
-would: ``get``, ``set``, ``delete`` and ``list`` of ``plugin-state-worker``.
+would: ``get``, ``set``, ``delete``, ``list`` and ``watch`` of ``plugin-state-worker``.
 
 They talk AMQP with ``worker.client.StateClient`` (never Postgres), using the AMQP URL and
 prefix of the global settings. Output is JSON on stdout, one object per line. Exit codes
@@ -9,6 +9,7 @@ follow grep: 0 done (``get``: found), 1 ``get`` found nothing, 2 an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -19,7 +20,16 @@ import msgspec
 
 from schemas.errors import StateError
 from schemas.messages import DEFAULT_NAMESPACE, MAX_LIST_LIMIT, SCOPE_KINDS, ScopeKind
-from worker.client import ClientError, Conflict, Entry, Scope, StateClient
+from worker.client import (
+    ClientError,
+    Conflict,
+    Entry,
+    Reset,
+    Scope,
+    StateClient,
+    Synced,
+    WatchEvent,
+)
 from worker.config import Settings
 
 T = TypeVar("T")
@@ -301,7 +311,71 @@ def list_command(
     _run(read())
 
 
-COMMANDS = (get_command, set_command, delete_command, list_command)
+@click.command("watch")
+@_common(scope_required=False)
+@click.option("--prefix", "key_prefix", default="", help="Only keys starting with this.")
+@click.option("--since", help="Go on after this position (a change's, or a synced line's).")
+@click.option(
+    "--initial/--no-initial",
+    default=True,
+    show_default=True,
+    help="Without --since, print the current entries first.",
+)
+@click.option("--until-synced", is_flag=True, help="Stop once caught up (after the synced line).")
+@click.pass_obj
+def watch_command(
+    settings: Settings,
+    plugin: uuid.UUID,
+    scope: Scope | ScopeKind | None,
+    namespace: str | None,
+    timeout: float,
+    key_prefix: str,
+    since: str | None,
+    initial: bool,
+    until_synced: bool,
+) -> None:
+    """Print the plugin's changes as JSON lines, as they happen, until interrupted:
+    {"event": "change", "position": ..., "change": "set" | "delete" | "expire", ...}; once
+    caught up {"event": "synced", "position": ...}; after the log was compacted past the
+    watch {"event": "reset", ...}, then the current entries again. Lost connections and
+    restarted workers are ridden out; an error that retrying cannot cure exits 2."""
+
+    async def follow() -> None:
+        async with _client(settings, plugin, timeout) as client:
+            async for event in client.watch(
+                scope, namespace=namespace, prefix=key_prefix, since=since, initial=initial
+            ):
+                click.echo(_event_json(event))
+                if until_synced and isinstance(event, Synced):
+                    return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(follow())
+
+
+def _event_json(event: WatchEvent) -> str:
+    if isinstance(event, Synced):
+        return msgspec.json.encode({"event": "synced", "position": event.position}).decode()
+    if isinstance(event, Reset):
+        return msgspec.json.encode({"event": "reset", "reason": event.reason}).decode()
+    return msgspec.json.encode(
+        {
+            "event": "change",
+            "position": event.position,
+            "change": event.kind,
+            "scope_kind": event.scope.kind,
+            "scope_id": event.scope.id,
+            "namespace": event.namespace,
+            "key": event.key,
+            "version": event.version,
+            "updated_at": event.updated_at,
+            **({"value": event.value} if event.kind == "set" else {}),
+            **({} if event.expires_at is None else {"expires_at": event.expires_at}),
+        }
+    ).decode()
+
+
+COMMANDS = (get_command, set_command, delete_command, list_command, watch_command)
 
 
 def register(main: click.Group) -> None:

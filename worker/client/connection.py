@@ -1,0 +1,289 @@
+"""The client's wire: one robust AMQP connection, one channel with publisher confirms, and
+replies through direct reply-to (or a reply queue of the client's own).
+
+``Connection.call`` publishes a message and, for a read or a write that waits, waits for
+its answer, until the call's deadline: when the connection or channel is lost, the call is
+sent again once the channel is back (reads are idempotent; a write is re-sent with the same
+id, which the contract makes harmless). So a call either completes or raises
+``RequestTimeout``; it never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Final, TypeVar
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from msgspec import Struct
+
+from schemas.codec import Codec, codec_for
+from schemas.errors import Forbidden, StateError, error_from_code
+from schemas.messages import ErrorReply, Reply
+from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
+
+from .errors import NotConnected, PublishRefused, RequestTimeout, UnexpectedReply, Unroutable
+
+log = structlog.get_logger(__name__)
+
+R = TypeVar("R", bound=Struct)
+
+RECONNECT_INTERVAL: Final = 1.0
+"""How soon the robust connection tries again after losing the broker (aio-pika's default,
+5 s, is as long as a whole default call)."""
+_REPLY_MARGIN: Final = 0.5
+"""Reads expire this much (at most 10 % of the remaining time) before the caller gives up,
+so that an answer the worker sends at the expiration (``write_pending``) still arrives."""
+_RETRY_INITIAL: Final = 0.05
+_RETRY_MAX: Final = 1.0
+
+
+class _Resend(Exception):
+    """The channel was lost while a call was in flight: send it again."""
+
+
+class Connection:
+    """Publishes calls and matches their replies, across reconnects."""
+
+    def __init__(
+        self,
+        url: str,
+        names: Names,
+        codec: Codec,
+        *,
+        user_id: str,
+        reply_to: str,
+        timeout: float,
+        connection_name: str,
+    ) -> None:
+        self.url = url
+        self.names = names
+        self.codec = codec
+        self.user_id = user_id
+        self.reply_to = reply_to
+        self.timeout = timeout
+        self.connection_name = connection_name
+        self.on_lost: list[Callable[[], None]] = []
+        """Called when the channel is lost (a watcher's or a cache's position may then be
+        all they can trust)."""
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def connected(self) -> bool:
+        """Open, with its channel up (not reconnecting)."""
+        channel = self._channel
+        return channel is not None and not channel.is_closed
+
+    async def open(self) -> None:
+        """Connect, open the confirm channel and consume the replies on it."""
+        if self._connection is not None:
+            raise RuntimeError("the client is already connected")
+        connection = await aio_pika.connect_robust(
+            self.url,
+            client_properties={"connection_name": self.connection_name},
+            timeout=self.timeout,
+            reconnect_interval=RECONNECT_INTERVAL,
+        )
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel.close_callbacks.add(self._on_channel_closed)
+            # Declared robust, the reply consumer is restored with the channel after a
+            # reconnect, before the channel counts as ready again.
+            if self.reply_to == DIRECT_REPLY_TO:
+                replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+            else:
+                replies = await channel.declare_queue(
+                    self.reply_to, exclusive=True, auto_delete=True
+                )
+            await replies.consume(self._on_reply, no_ack=True)
+        except BaseException:
+            await connection.close()
+            raise
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self._connection = connection
+        self._channel = channel
+        self._exchange = await channel.get_exchange(self.names.exchange, ensure=False)
+        log.info("state_client_connected", connection_name=self.connection_name)
+
+    async def close(self) -> None:
+        """Close; calls still in flight raise ``NotConnected``."""
+        connection = self._connection
+        if connection is None:
+            return
+        self._connection = self._channel = self._exchange = None
+        self._fail_pending(NotConnected("the client was closed"))
+        await connection.close()
+        log.info("state_client_closed", connection_name=self.connection_name)
+
+    async def call(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        reply: bool,
+        timeout: float | None,
+        write_id: uuid.UUID | None = None,
+    ) -> Reply | None:
+        """Publish (and, with ``reply``, wait for the answer) until done or the deadline;
+        a channel lost on the way means sending again. A write (``write_id``) is
+        persistent and never expires: the worker must apply it even if nobody waits."""
+        seconds = self.timeout if timeout is None else timeout
+        deadline = asyncio.timeout(seconds)
+        delay = _RETRY_INITIAL
+        try:
+            async with deadline:
+                while True:
+                    try:
+                        return await self._attempt(
+                            routing_key,
+                            body,
+                            reply=reply,
+                            expires_at=None if write_id else deadline.when(),
+                            write_id=write_id,
+                        )
+                    except _Resend as exc:
+                        log.info("state_client_retry", reason=str(exc), retry_in=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            what = "reply" if reply else "publisher confirm"
+            raise RequestTimeout(
+                f"no {what} within {seconds}s for {routing_key} on {self.names.exchange}"
+            ) from None
+
+    async def _attempt(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        reply: bool,
+        expires_at: float | None,
+        write_id: uuid.UUID | None,
+    ) -> Reply | None:
+        if self._channel is None or self._exchange is None:
+            raise NotConnected("the client is not connected: call connect() first")
+        channel, exchange = self._channel, self._exchange
+        await channel.ready()
+        loop = asyncio.get_running_loop()
+        correlation_id = uuid.uuid4().hex
+        waiter: asyncio.Future[Reply] | None = None
+        if reply:
+            waiter = loop.create_future()
+            self._pending[correlation_id] = waiter
+        message = aio_pika.Message(
+            body,
+            content_type=self.codec.content_type,
+            delivery_mode=(
+                aio_pika.DeliveryMode.NOT_PERSISTENT
+                if write_id is None
+                else aio_pika.DeliveryMode.PERSISTENT
+            ),
+            timestamp=datetime.now(UTC),
+            expiration=None if expires_at is None else _expiration(expires_at - loop.time()),
+            headers=None if expires_at is None else {DEADLINE_HEADER: _deadline_ms(expires_at)},
+            message_id=None if write_id is None else str(write_id),
+            user_id=self.user_id,
+            reply_to=self.reply_to if reply else None,
+            correlation_id=correlation_id if reply else None,
+        )
+        try:
+            await _publish(exchange, message, routing_key)
+            return None if waiter is None else await waiter
+        finally:
+            self._pending.pop(correlation_id, None)
+            if waiter is not None and waiter.done() and not waiter.cancelled():
+                # A channel loss may have failed it while the publish failed too: that
+                # failure is moot, and asyncio would log it as never retrieved.
+                waiter.exception()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        waiter = self._pending.get(message.correlation_id or "")
+        if waiter is None or waiter.done():
+            # Its caller gave up (timed out) or was answered already.
+            log.debug("state_client_reply_unclaimed", correlation_id=message.correlation_id)
+            return
+        try:
+            waiter.set_result(codec_for(message.content_type).decode_reply(message.body))
+        except StateError as exc:
+            waiter.set_exception(exc)
+
+    def _on_channel_closed(self, _channel: object, exc: BaseException | None) -> None:
+        if self._connection is None:
+            return  # closed by close(), which failed the pending calls itself
+        # Replies addressed to the lost channel will never arrive: send again.
+        log.warning("state_client_channel_lost", error=repr(exc), pending=len(self._pending))
+        self._fail_pending(_Resend(f"channel lost: {exc!r}"))
+        for callback in self.on_lost:
+            callback()
+
+    def _on_reconnected(self, _connection: object) -> None:
+        log.info("state_client_reconnected", connection_name=self.connection_name)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for waiter in self._pending.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+
+def expect(reply: Reply | None, kind: type[R]) -> R:
+    """The reply as ``kind``; an ``error`` reply raises its code's ``StateError``."""
+    if isinstance(reply, ErrorReply):
+        raise error_from_code(reply.code, reply.message)
+    if not isinstance(reply, kind):
+        raise UnexpectedReply(f"expected a {kind.__name__}, got {type(reply).__name__}")
+    return reply
+
+
+async def _publish(exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
+    """Publish, mandatory, and wait for the confirm; broker answers become typed errors,
+    a lost channel becomes ``_Resend``."""
+    where = f"exchange {exchange.name!r}, routing key {routing_key!r}"
+    try:
+        await exchange.publish(message, routing_key, mandatory=True)
+    except aiormq.exceptions.PublishError:
+        raise Unroutable(f"no queue is bound for {where}: is a worker running?") from None
+    except aiormq.exceptions.DeliveryError as exc:
+        raise PublishRefused(f"the broker nacked the message ({where}): {exc}") from None
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise PublishRefused(f"the broker refused the message ({where}): {exc}") from None
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise Unroutable(f"no exchange {exchange.name!r}: is a worker running?") from None
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise Forbidden(f"the broker refused the publish ({where}): {exc}") from None
+    except (
+        aiormq.exceptions.AMQPConnectionError,
+        aiormq.exceptions.ChannelClosed,
+        aiormq.exceptions.ChannelInvalidStateError,
+        ConnectionError,
+    ) as exc:
+        raise _Resend(f"publish failed: {exc!r}") from None
+
+
+def _expiration(remaining: float) -> float:
+    return max(remaining - min(_REPLY_MARGIN, remaining / 10), 0.001)
+
+
+def _deadline_ms(expires_at: float) -> int:
+    """The Unix time in ms at which a read expires, from its loop-time deadline."""
+    remaining = _expiration(expires_at - asyncio.get_running_loop().time())
+    return int((time.time() + remaining) * 1000)

@@ -29,6 +29,10 @@ EVERY_RATIO = (
     "write throughput / FastStream subscriber",
     "write throughput / direct upserts",
     "write throughput, 20 % conditional / unconditional",
+    "write throughput, change log on / off",
+    "cached get p50 / get p50",
+    "commit-to-watcher p50 / get p50",
+    "commits with NOTIFY / without",
     "get p50 / raw RPC round trip p50",
     "get throughput / RPC ceiling",
     "peak RSS (MB)",
@@ -91,7 +95,7 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     for ratio in EVERY_RATIO:
         assert ratio in result.output
-    for section in ("WRITES", "READS", "MEMORY", "RATIOS"):
+    for section in ("WRITES", "READS", "CHANGES", "MEMORY", "RATIOS"):
         assert section in result.output
     report = json.loads(report_path.read_text())
     assert set(report["ratios"]) == set(EVERY_RATIO)
@@ -115,6 +119,9 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     assert len(subscriber_latency) == len(report["write_latency"])
     assert all(point["count"] > 0 for point in subscriber_latency)
     assert report["peers"]["direct"]["statement_latency"]["count"] > 0
+    assert report["changes"]["cached_get"]["count"] > 0
+    assert report["changes"]["cache_hit_rate"] > 0.99
+    assert report["changes"]["watch"]["count"] > 0
     for server in report["reads"].values():
         assert server["latency"]["count"] > 0
         assert server["throughput"]["count"] > 0

@@ -204,6 +204,30 @@ _READ_TITLES: Final = {
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeFigures:
+    """The change log's figures (``worker.bench.changes``)."""
+
+    cached_get: Latency
+    """A ``get`` answered by the near cache."""
+    cache_hit_rate: float
+    watch: Latency
+    """From a change's transaction to a watcher's receiving it."""
+    commits_plain: Rate
+    """Small write transactions of several connections, back to back (``notify.py``)."""
+    commits_notifying: Rate
+    """The same, each also calling ``pg_notify``."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cached_get": self.cached_get.as_json(),
+            "cache_hit_rate": self.cache_hit_rate,
+            "watch": self.watch.as_json(),
+            "commits_plain": self.commits_plain.as_json(),
+            "commits_notifying": self.commits_notifying.as_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Ratio:
     name: str
     value: float
@@ -219,8 +243,10 @@ class Variant:
     title: str
     rate: Rate
     ratio: str
-    """The ratio's name: this throughput over the plain one."""
+    """The ratio's name: this throughput over the plain one (``inverted``: the plain one
+    over this, for a variant that turns something off)."""
     target: str
+    inverted: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"title": self.title, **self.rate.as_json(), "target": self.target}
@@ -269,6 +295,7 @@ class BenchReport:
     reads: dict[str, ReadFigures]
     memory: MemoryFigures
     variants: dict[str, Variant]
+    changes: ChangeFigures
 
     # What the charts of ``--plot`` draw: a phase shows in a chart by being listed here.
 
@@ -339,14 +366,27 @@ class BenchReport:
                 )
                 for key, (name, target) in _PEER_RATIOS.items()
             ),
-            *(
-                Ratio(
-                    variant.ratio,
-                    variant.rate.per_second / self.worker_writes.per_second,
-                    variant.target,
-                    f"{variant.rate.per_second:,.0f} / {self.worker_writes.per_second:,.0f}",
-                )
-                for variant in self.variants.values()
+            *(_variant_ratio(variant, self.worker_writes) for variant in self.variants.values()),
+            Ratio(
+                "cached get p50 / get p50",
+                self.changes.cached_get.p50_ms / get.latency.p50_ms,
+                "<= 0.02",
+                f"{self.changes.cached_get.p50_ms * 1000:.1f} us / {get.latency.p50_ms:.2f} ms, "
+                f"hit rate {self.changes.cache_hit_rate:.1%}",
+            ),
+            Ratio(
+                "commit-to-watcher p50 / get p50",
+                self.changes.watch.p50_ms / get.latency.p50_ms,
+                "<= 2",
+                f"{self.changes.watch.p50_ms:.2f} ms / {get.latency.p50_ms:.2f} ms",
+            ),
+            Ratio(
+                "commits with NOTIFY / without",
+                self.changes.commits_notifying.per_second / self.changes.commits_plain.per_second,
+                "what NOTIFY would cost",
+                f"{self.changes.commits_notifying.per_second:,.0f} / "
+                f"{self.changes.commits_plain.per_second:,.0f} commits/s, "
+                f"{self.sizes['notify_connections']} connections",
             ),
             Ratio(
                 "get p50 / raw RPC round trip p50",
@@ -431,6 +471,23 @@ class BenchReport:
                     "us",
                 )
             )
+        changes = self.changes
+        rows += [
+            ("CHANGES", "", ""),
+            (
+                f"cached get (hit rate {changes.cache_hit_rate:.1%})",
+                f"p50 {changes.cached_get.p50_ms * 1000:.1f}  p99 "
+                f"{changes.cached_get.p99_ms * 1000:.1f}",
+                "us",
+            ),
+            (
+                "commit to watcher",
+                f"p50 {changes.watch.p50_ms:.2f}  p99 {changes.watch.p99_ms:.2f}",
+                "ms",
+            ),
+            ("small commits, plain", _rate(changes.commits_plain), "commits/s"),
+            ("small commits, each with pg_notify", _rate(changes.commits_notifying), "commits/s"),
+        ]
         memory = self.memory
         rows += [
             ("MEMORY (worker RSS)", "", ""),
@@ -482,6 +539,7 @@ class BenchReport:
             "reads": {key: figures.as_json() for key, figures in self.reads.items()},
             "memory": self.memory.as_json(),
             "variants": {key: variant.as_json() for key, variant in self.variants.items()},
+            "changes": self.changes.as_json(),
             "ratios": {
                 ratio.name: {"value": ratio.value, "target": ratio.target}
                 for ratio in self.ratios()
@@ -508,6 +566,22 @@ def _latency_rows(
             (f"{title}  last publish to last commit", f"{point.drain_seconds * 1000:.1f}", "ms"),
         ]
     return rows
+
+
+def _variant_ratio(variant: Variant, plain: Rate) -> Ratio:
+    if variant.inverted:
+        return Ratio(
+            variant.ratio,
+            plain.per_second / variant.rate.per_second,
+            variant.target,
+            f"{plain.per_second:,.0f} / {variant.rate.per_second:,.0f}",
+        )
+    return Ratio(
+        variant.ratio,
+        variant.rate.per_second / plain.per_second,
+        variant.target,
+        f"{variant.rate.per_second:,.0f} / {plain.per_second:,.0f}",
+    )
 
 
 def _rate(rate: Rate) -> str:

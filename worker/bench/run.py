@@ -8,7 +8,8 @@
 5. the write throughput of one fresh worker, which then stays up for the rest:
 6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
 7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
-8. memory: its peak so far, then a soak of steady mixed load.
+8. changes: a near-cached ``get``, and commit-to-watcher latency;
+9. memory: its peak so far, then a soak of steady mixed load.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Final
 
 from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
+from worker.bench.changes import measure_changes
 from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
 from worker.bench.peers import measure_direct, measure_faststream
@@ -61,6 +63,8 @@ class Sizes:
     """How long the steady mixed load of the memory soak lasts."""
     soak_read_concurrency: int = 4
     """Callers reading back to back during the soak."""
+    notify_connections: int = 8
+    """Connections committing at once in the measurement of ``NOTIFY``'s cost."""
 
 
 SMALL = Sizes(
@@ -131,6 +135,20 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
                 "write throughput, 20 % conditional / unconditional",
                 ">= 0.9",
             ),
+            "changes_off": Variant(
+                "worker, change log and relay off",
+                await _throughput_of(
+                    env,
+                    WriteStream(
+                        await env.add_plugin("writes-log-off"), sizes.writes, entries, _WRITES_SEED
+                    ),
+                    bar,
+                    changes="off",
+                ),
+                "write throughput, change log on / off",
+                ">= 0.9",
+                inverted=True,
+            ),
         }
 
         plugin = await env.add_plugin("writes")
@@ -157,6 +175,9 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             sizes.get_many_keys,
             sizes.read_seconds,
             bar,
+        )
+        changes = await measure_changes(
+            env, plugin, entries, sizes.read_seconds, sizes.notify_connections, bar
         )
         memory = await soak(
             env,
@@ -186,12 +207,16 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         reads=reads,
         memory=memory,
         variants=variants,
+        changes=changes,
     )
 
 
-async def _throughput_of(env: BenchEnv, stream: WriteStream, bar: Callable[..., Any]) -> Rate:
-    """The write throughput of one fresh worker over ``stream``; the worker is stopped."""
-    run = await measure_throughput(env, stream, 1, bar)
+async def _throughput_of(
+    env: BenchEnv, stream: WriteStream, bar: Callable[..., Any], **settings: str
+) -> Rate:
+    """The write throughput of one fresh worker (with ``settings``) over ``stream``; the
+    worker is stopped."""
+    run = await measure_throughput(env, stream, 1, bar, **settings)
     for process in run.workers:
         await env.stop(process)
     return run.rate

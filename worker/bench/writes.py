@@ -61,15 +61,22 @@ class ThroughputRun:
 
 
 async def measure_throughput(
-    env: BenchEnv, stream: WriteStream, processes: int, bar: Callable[..., Any]
+    env: BenchEnv,
+    stream: WriteStream,
+    processes: int,
+    bar: Callable[..., Any],
+    **settings: str,
 ) -> ThroughputRun:
-    """Writes per second of ``processes`` fresh workers over the pre-filled ``stream``."""
+    """Writes per second of ``processes`` fresh workers over the pre-filled ``stream``
+    (``settings``: the workers' own, by lower-case name)."""
     names = env.names
     total = len(stream.bodies)
     label = f"writes x{processes}"
     with bar(f"{label}: publish", total=total) as progress:
         await env.publish_all(names.command_key(stream.plugin_id), stream.bodies, progress)
-    workers = [await env.spawn_worker(f"worker-x{processes}-{n}") for n in range(processes)]
+    workers = [
+        await env.spawn_worker(f"worker-x{processes}-{n}", **settings) for n in range(processes)
+    ]
 
     def alive() -> None:
         for worker in workers:

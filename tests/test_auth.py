@@ -121,6 +121,7 @@ def read_requests(plugin: uuid.UUID) -> dict[str, dict[str, Any]]:
             "entries": [{"scope_kind": "instance", "key": "k"}],
         },
         "list": {"op": "list", "plugin_id": str(plugin)},
+        "changes": {"op": "changes", "plugin_id": str(plugin)},
     }
 
 
@@ -229,3 +230,28 @@ async def test_least_privilege_keeps_a_plugin_user_to_its_own_routing_keys(
             await channel.declare_queue(f"{settings.prefix}.commands", passive=True)
             queue = await channel.get_queue(f"{settings.prefix}.commands", ensure=False)
             await queue.get(fail=False)
+
+
+async def test_a_plugin_user_follows_its_own_feed_and_may_bind_no_other(
+    worker_for: None, cast: Cast, settings: Settings
+) -> None:
+    own_queue = f"{settings.prefix}.reply.{cast.plugin_a}.feed"
+    connection = await aio_pika.connect(cast.owner_a.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(own_queue, exclusive=True)
+        await queue.bind(f"{settings.prefix}.changes", f"chg.{cast.plugin_a}")
+        async with rpc_as(cast.owner_a, settings, user_id=cast.owner_a.name) as a:
+            write = set_cmd(cast.plugin_a, "fed", 1, scope_kind="instance", scope_id=None)
+            assert (await a.call(cast.plugin_a, write, kind="cmd"))["outcome"] == "applied"
+        async with queue.iterator() as messages:
+            async with asyncio.timeout(10):
+                async for message in messages:
+                    await message.ack()
+                    if b'"fed"' in message.body:
+                        break
+        for key in (f"chg.{cast.plugin_b}", "chg.#", "chg.*"):
+            with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                refused = await connection.channel()
+                again = await refused.get_queue(own_queue, ensure=False)
+                await again.bind(f"{settings.prefix}.changes", key)

@@ -20,7 +20,7 @@ run: install
 	$(BIN)/plugin-state-worker migrate
 	$(BIN)/plugin-state-worker run
 
-## Lint, type-check, then the whole test suite against the real RabbitMQ and Postgres.
+## Lint, type-check, check the import contracts, then the whole test suite against the real RabbitMQ and Postgres.
 test: install lint
 	$(BIN)/pytest
 
@@ -28,6 +28,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## A long fuzz run: the coverage-guided fuzzer for PLUGIN_STATE_FUZZ_SECONDS (1 hour), hypothesis
 ## over hostile bytes and structures, and hostile messages through running workers.

@@ -19,8 +19,13 @@ from msgspec import UNSET, Meta, UnsetType
 
 from schemas.errors import ErrorCode
 from schemas.messages import ChangeItem, ReadRequest, Reply, WriteCommand
-from worker.config import Settings
-from worker.topology import Names, commands_queue_arguments
+from schemas.topology import (
+    COMMANDS_QUEUE_TYPE,
+    DEAD_QUEUE_TYPE,
+    DEFAULT_AMQP_URL,
+    RPC_QUEUE_TYPE,
+    Names,
+)
 
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 DIRECTORY: Final = Path(__file__).parent / "json"
@@ -360,9 +365,8 @@ def _reply(tags: tuple[str, ...]) -> dict[str, Any]:
 def asyncapi() -> dict[str, Any]:
     """The whole protocol as an AsyncAPI 3 document, seen from a plugin (and an operator
     reading dead letters); the worker does the mirror image. Message schemas are msgspec's."""
-    settings = Settings()
-    names = Names(settings.prefix)
-    broker = urlsplit(settings.amqp_url)
+    names = Names()
+    broker = urlsplit(DEFAULT_AMQP_URL)
     kinds = [struct for channel in (WRITES, READS, REPLIES) for struct in get_args(channel.union)]
     (body, *_), schemas = msgspec.json.schema_components(
         [DeadLetterBody, *kinds, ChangeItem, *ENVELOPES],
@@ -423,16 +427,14 @@ def asyncapi() -> dict[str, Any]:
             f"Dead-letters to `{names.dead}` after the delivery limit; rejects publishes "
             "past its length limit (publishers' confirms are nacked).",
             "messages": _channel_messages(WRITES),
-            "bindings": _queue(
-                names.commands_queue, str(commands_queue_arguments(settings)["x-queue-type"])
-            ),
+            "bindings": _queue(names.commands_queue, COMMANDS_QUEUE_TYPE),
         },
         "readsQueue": {
             "address": names.rpc_queue,
             "title": "Read requests queue",
             "description": f"Bound to `{names.rpc_key('*')}`; workers compete for it.",
             "messages": _channel_messages(READS),
-            "bindings": _queue(names.rpc_queue, "classic"),
+            "bindings": _queue(names.rpc_queue, RPC_QUEUE_TYPE),
         },
         "changes": {
             "address": names.change_key("{plugin_id}"),
@@ -461,7 +463,7 @@ def asyncapi() -> dict[str, Any]:
             "description": f"Bound to the exchange `{names.dead}`: every rejected message "
             "with its reason. Nothing consumes it but operators.",
             "messages": {"dead_letter": {"$ref": "#/components/messages/DeadLetter"}},
-            "bindings": _queue(names.dead, "quorum"),
+            "bindings": _queue(names.dead, DEAD_QUEUE_TYPE),
         },
     }
     operations = {

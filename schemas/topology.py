@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from typing import Final
 
 DEFAULT_PREFIX: Final = "plugin_state"
+DEFAULT_AMQP_URL: Final = "amqp://guest:guest@localhost:5672/"
+"""The broker a worker or client uses when told none (protocol §5)."""
+COMMANDS_QUEUE_TYPE: Final = "quorum"
+DEAD_QUEUE_TYPE: Final = "quorum"
+RPC_QUEUE_TYPE: Final = "classic"
+"""The read path's queue: replies are transient and a lost request is retried by its caller,
+so it needs no replication log (the broker's default type, declared without arguments)."""
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 """RabbitMQ's direct reply-to pseudo-queue, the recommended ``reply_to``."""
 DEADLINE_HEADER: Final = "x-deadline"
@@ -70,7 +77,7 @@ def commands_queue_arguments(
 ) -> dict[str, object]:
     """The arguments the commands queue is declared with."""
     return {
-        "x-queue-type": "quorum",
+        "x-queue-type": COMMANDS_QUEUE_TYPE,
         "x-dead-letter-exchange": names.dead,
         # A command that keeps crashing its consumer is dead-lettered by RabbitMQ itself
         # after this many deliveries, instead of looping forever.

@@ -7,7 +7,6 @@ import json
 import signal
 import sys
 import uuid
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import asyncpg
@@ -17,20 +16,11 @@ from worker import dead_commands, logs, state_commands
 from worker.app import Worker
 from worker.bench import command as bench_command
 from worker.config import ConfigError, Settings
+from worker.loop import run_async
 from worker.migrate import MigrationError, migrate
 from worker.store import Store, create_pool
 
 T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where it is installed: it is the faster event loop."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional at run time
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
 
 
 @click.group()

@@ -14,6 +14,8 @@ from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+from schemas.topology import DEFAULT_AMQP_URL, DEFAULT_PREFIX
+
 ENV_PREFIX: Final = "PLUGIN_STATE_"
 
 
@@ -31,9 +33,9 @@ class Settings:
 
     database_url: str = "postgresql://postgres@localhost:5432/plugin_state"
     """Postgres to store state in; `migrate` creates the database if it is missing."""
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    amqp_url: str = DEFAULT_AMQP_URL
     """RabbitMQ to consume from."""
-    prefix: str = "plugin_state"
+    prefix: str = DEFAULT_PREFIX
     """Shared prefix of every exchange and queue name."""
     trusted_users: frozenset[str] = field(default_factory=frozenset)
     """RabbitMQ users that may act for every plugin (comma-separated)."""

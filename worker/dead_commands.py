@@ -7,7 +7,6 @@ a table for people, or with ``--json`` one JSON object per dead letter and line.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from worker.broker import BROKER_FAILURES
 from worker.config import Settings
 from worker.dead_letters import DeadLetter, DeadLetterError, DeadLetters, Selection, Tally
+from worker.loop import run_async
 from worker.topology import Names
 
 T = TypeVar("T")
@@ -39,7 +39,7 @@ _COLUMNS: Final = (
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one operation on an event loop of its own; failures become clean CLI errors."""
     try:
-        return asyncio.run(coro)
+        return run_async(coro)
     except DeadLetterError as exc:
         raise click.ClickException(str(exc)) from None
     except (*BROKER_FAILURES, OSError) as exc:

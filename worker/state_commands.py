@@ -8,7 +8,6 @@ follow grep: 0 done (``get``: found), 1 ``get`` found nothing, 2 an error.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -31,6 +30,7 @@ from worker.client import (
     WatchEvent,
 )
 from worker.config import Settings
+from worker.loop import run_async
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -146,7 +146,7 @@ async def _client(
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; the contract's and the client's errors exit 2."""
     try:
-        return asyncio.run(coro)
+        return run_async(coro)
     except Conflict as exc:
         raise ConflictFailed(exc.write_id) from None
     except (StateError, ClientError) as exc:

@@ -48,7 +48,7 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
         names.dead, aio_pika.ExchangeType.FANOUT, durable=True
     )
     dead = await channel.declare_queue(
-        names.dead, durable=True, arguments={"x-queue-type": "quorum"}
+        names.dead, durable=True, arguments={"x-queue-type": topology.DEAD_QUEUE_TYPE}
     )
     await dead.bind(dead_exchange)
     commands = await channel.declare_queue(

@@ -17,6 +17,7 @@ from worker.bench.harness import BenchError, new_progress
 from worker.bench.report import BenchReport
 from worker.bench.run import SMALL, Sizes, run_bench, sizes_with
 from worker.config import Settings
+from worker.loop import run_async
 
 
 @click.command()
@@ -79,8 +80,6 @@ def bench(
     Uses a database and a topology prefix of its own (pstest_bench_<random>, on the
     configured Postgres and RabbitMQ), and removes both afterwards.
     """
-    from worker.cli import run_async  # noqa: PLC0415 - worker.cli registers this command
-
     _require_extra("faststream", "the FastStream peer")
     if plot_dir is not None:
         _require_extra("matplotlib", "--plot")

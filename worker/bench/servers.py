@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from schemas.codec import JSON, codec_for
 from schemas.messages import GetRequest, ValueReply
 from worker.config import Settings
+from worker.loop import run_async
 
 # One entry's value as the worker stores it, keyed like the worker's unique index.
 SELECT_ENTRY: Final = """
@@ -132,8 +133,6 @@ async def main(kind: str, amqp_url: str, queue_name: str, database_url: str | No
 
 
 if __name__ == "__main__":
-    from worker.cli import run_async
-
     arguments = sys.argv[1:]
     if len(arguments) not in (3, 4):
         raise SystemExit(__doc__)

@@ -124,7 +124,7 @@ async def serve(amqp_url: str, queue: str, database_url: str, count: int) -> Rec
 
 
 if __name__ == "__main__":
-    from worker.cli import run_async
+    from worker.loop import run_async
 
     arguments = sys.argv[1:]
     if len(arguments) != 5:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,13 @@ from worker.auth import Authorizer, Caller
 PUBLISHER = "guest"
 """The RabbitMQ user the tests connect as; the session fixture sets it from the URL. Test
 workers trust it, and test messages carry it as their broker-validated ``user_id``."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def trusted_caller(plugin_id: uuid.UUID) -> Caller:

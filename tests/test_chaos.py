@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -24,18 +23,12 @@ from worker.store import APPLICATION_NAME
 from worker.topology import Names, declare
 
 from .broker import close_connections, require_rabbitmqctl
-from .helpers import wait_until
+from .helpers import free_port, wait_until
 from .processes import spawn_worker, wait_exit
 from .streams import Stream
 
 WRITES = 20_000
 WORKERS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

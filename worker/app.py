@@ -87,6 +87,7 @@ class Worker:
                 settings.db_command_timeout_seconds,
                 # Which worker a backend serves, in pg_stat_activity.
                 f"{APPLICATION_NAME} {os.getpid()}:{self.instance}",
+                statement_cache=settings.db_statement_cache,
             ),
         )
         self.store = Store(pool)

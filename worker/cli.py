@@ -95,7 +95,12 @@ def plugins() -> None:
 
 async def _with_store(settings: Settings, action: Any) -> Any:
     try:
-        pool = await create_pool(settings.database_url, 1, settings.db_command_timeout_seconds)
+        pool = await create_pool(
+            settings.database_url,
+            1,
+            settings.db_command_timeout_seconds,
+            statement_cache=settings.db_statement_cache,
+        )
     except asyncpg.InvalidCatalogNameError:
         raise click.ClickException(
             "the database does not exist yet: run `plugin-state-worker migrate` first"

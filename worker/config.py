@@ -110,6 +110,10 @@ class Settings:
     """Postgres connections per worker."""
     db_command_timeout_seconds: float = 30.0
     """Longest a Postgres statement may take before the batch is retried."""
+    db_statement_cache: int = 100
+    """Prepared statements kept per Postgres connection. 0 behind a pooler in transaction
+    mode (PgBouncer `pool_mode = transaction` before 1.21), where a statement prepared in
+    one transaction is gone in the next (docs/scaling.md)."""
     retry_initial_seconds: float = 0.2
     """First back-off after a Postgres or broker failure."""
     retry_max_seconds: float = 10.0
@@ -194,6 +198,8 @@ class Settings:
             )
         if min(self.quota_entries, self.quota_bytes, self.quota_tombstones) < 0:
             raise ConfigError("quotas cannot be negative (0 means no quota)")
+        if self.db_statement_cache < 0:
+            raise ConfigError(f"{_env_name('db_statement_cache')} cannot be negative")
         if self.batch_wait_ms < 0 or self.prefetch < 0 or self.future_skew_seconds < 0:
             raise ConfigError("batch wait, prefetch and future skew cannot be negative")
         if self.prefetch and self.prefetch < self.batch_size:

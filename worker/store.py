@@ -111,15 +111,22 @@ class ListBounds:
 
 
 async def create_pool(
-    database_url: str, size: int, command_timeout: float, application_name: str = APPLICATION_NAME
+    database_url: str,
+    size: int,
+    command_timeout: float,
+    application_name: str = APPLICATION_NAME,
+    *,
+    statement_cache: int = 100,
 ) -> asyncpg.Pool:
     """A pool whose backends name themselves (``application_name``, which a worker makes
-    its own), so operators (and fault tests) can find them."""
+    its own), so operators (and fault tests) can find them. ``statement_cache`` 0 prepares
+    nothing that outlives a statement, for a transaction pooler in between."""
     pool = await asyncpg.create_pool(
         database_url,
         min_size=1,
         max_size=size,
         command_timeout=command_timeout,
+        statement_cache_size=statement_cache,
         server_settings={"application_name": application_name[:63]},
     )
     assert pool is not None  # asyncpg types the pool as optional only for the un-awaited form

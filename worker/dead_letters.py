@@ -70,6 +70,7 @@ from aio_pika.abc import (
 
 from schemas.codec import MSGPACK
 from worker.broker import BROKER_FAILURES
+from worker.client import failover
 from worker.config import Settings, redact_url
 from worker.publish import PUBLISH_TIMEOUT, without_bookkeeping
 from worker.topology import Names
@@ -378,16 +379,17 @@ class DeadLetters:
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[DeadLetters]:
-        """Connect; closing returns to the queue whatever is still unacked."""
+        """Connect (to any node of the broker's); closing returns to the queue whatever is
+        still unacked. Not a robust connection: were it to reconnect, the messages a walk
+        holds would be back in the queue while the walk went on."""
         names = Names(settings.prefix)
+        name = f"plugin-state-worker dead {socket.gethostname()}:{os.getpid()}"
         try:
-            connection = await aio_pika.connect(
-                settings.amqp_url,
-                client_properties={
-                    "connection_name": (
-                        f"plugin-state-worker dead {socket.gethostname()}:{os.getpid()}"
-                    )
-                },
+            connection = await failover.any_node(
+                settings.amqp_urls,
+                lambda urls, i: aio_pika.connect(
+                    urls[i], client_properties={"connection_name": name}
+                ),
             )
         except (*BROKER_FAILURES, OSError) as exc:
             raise DeadLetterError(

@@ -1,4 +1,5 @@
-"""The client's wire: one robust AMQP connection, one channel with publisher confirms, and
+"""The client's wire: one robust AMQP connection (to any node of the broker's, moving to
+another when that one goes down: ``failover``), one channel with publisher confirms, and
 replies through direct reply-to (or a reply queue of the client's own).
 
 ``Connection.call`` publishes a message and, for a read or a write that waits, waits for
@@ -33,6 +34,7 @@ from schemas.errors import Forbidden, StateError, error_from_code
 from schemas.messages import ErrorReply, Reply
 from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 
+from . import failover
 from .errors import NotConnected, PublishRefused, RequestTimeout, UnexpectedReply, Unroutable
 
 log = structlog.get_logger(__name__)
@@ -40,8 +42,9 @@ log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=Struct)
 
 RECONNECT_INTERVAL: Final = 1.0
-"""How soon the robust connection tries again after losing the broker (aio-pika's default,
-5 s, is as long as a whole default call)."""
+"""The longest pause between two rounds of reconnection attempts over the broker's nodes
+(aio-pika's default, 5 s, is as long as a whole default call); a quarter of it between two
+nodes of a round."""
 _REPLY_MARGIN: Final = 0.5
 """Reads expire this much (at most 10 % of the remaining time) before the caller gives up,
 so that an answer the worker sends at the expiration (``write_pending``) still arrives."""
@@ -58,7 +61,7 @@ class Connection:
 
     def __init__(
         self,
-        url: str,
+        urls: tuple[str, ...],
         names: Names,
         codec: Codec,
         *,
@@ -67,7 +70,7 @@ class Connection:
         timeout: float,
         connection_name: str,
     ) -> None:
-        self.url = url
+        self.urls = urls
         self.names = names
         self.codec = codec
         self.user_id = user_id
@@ -96,11 +99,12 @@ class Connection:
         """Connect, open the confirm channel and consume the replies on it."""
         if self._connection is not None:
             raise RuntimeError("the client is already connected")
-        connection = await aio_pika.connect_robust(
-            self.url,
-            client_properties={"connection_name": self.connection_name},
+        connection = await failover.connect(
+            self.urls,
+            connection_name=self.connection_name,
             timeout=self.timeout,
-            reconnect_interval=RECONNECT_INTERVAL,
+            retry_initial=RECONNECT_INTERVAL / 4,
+            retry_max=RECONNECT_INTERVAL,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -20,7 +20,8 @@ either completes or raises ``RequestTimeout``; it never hangs. Exceptions:
   (``InvalidRequest``, ``UnknownPlugin``, ``WritePending``...). ``Forbidden`` is also raised
   when the broker refuses the publish for lack of permission.
 - ``ClientError`` subclasses: ``RequestTimeout`` (also a ``TimeoutError``), ``PublishRefused``
-  (the broker refused to take the write, e.g. the commands queue is full), ``BrokerUnreachable``
+  (the broker refused to take the write: nacked it on fresh channels, with back-off, as
+  many times as ``nacks.ATTEMPTS``, e.g. the commands queue is full), ``BrokerUnreachable``
   (no node of the broker's answered ``connect``: each was tried once), ``Unroutable``
   (no exchange or no queue for the routing key: no worker declared the topology),
   ``Conflict`` (a conditional write's condition did not hold), ``UnexpectedReply``,

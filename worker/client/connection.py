@@ -5,8 +5,9 @@ replies through direct reply-to (or a reply queue of the client's own).
 ``Connection.call`` publishes a message and, for a read or a write that waits, waits for
 its answer, until the call's deadline: when the connection or channel is lost, the call is
 sent again once the channel is back (reads are idempotent; a write is re-sent with the same
-id, which the contract makes harmless). So a call either completes or raises
-``RequestTimeout``; it never hangs.
+id, which the contract makes harmless). A nacked publish is sent again on a fresh channel,
+with back-off, until a bounded run of nacks makes it a refusal (``nacks``). So a call
+either completes or raises (``RequestTimeout``, ``PublishRefused``...); it never hangs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from schemas.errors import Forbidden, StateError, error_from_code
 from schemas.messages import ErrorReply, Reply
 from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 
-from . import failover
+from . import failover, nacks
 from .errors import NotConnected, PublishRefused, RequestTimeout, UnexpectedReply, Unroutable
 
 log = structlog.get_logger(__name__)
@@ -54,6 +55,14 @@ _RETRY_MAX: Final = 1.0
 
 class _Resend(Exception):
     """The channel was lost while a call was in flight: send it again."""
+
+
+class _Nacked(Exception):
+    """The broker nacked the publish (``nacks``): send it again on a fresh channel."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        super().__init__("nacked")
+        self.channel = channel
 
 
 class Connection:
@@ -152,6 +161,7 @@ class Connection:
         seconds = self.timeout if timeout is None else timeout
         deadline = asyncio.timeout(seconds)
         delay = _RETRY_INITIAL
+        run = nacks.NackRun(f"exchange {self.names.exchange!r}, routing key {routing_key!r}")
         try:
             async with deadline:
                 while True:
@@ -165,11 +175,18 @@ class Connection:
                         )
                     except _Resend as exc:
                         log.info("state_client_retry", reason=str(exc), retry_in=delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
+                        pause, delay = delay, min(delay * 2, _RETRY_MAX)
+                    except _Nacked as nacked:
+                        pause = run.nacked()
+                        log.info("state_client_nacked", nacks=run.count, retry_in=pause)
+                        await self._renew(nacked.channel)
+                    await asyncio.sleep(pause)
         except TimeoutError:
             if not deadline.expired():
                 raise
+            if run.count:
+                # The broker's last word was a nack, not silence.
+                raise run.refusal() from None
             what = "reply" if reply else "publisher confirm"
             raise RequestTimeout(
                 f"no {what} within {seconds}s for {routing_key} on {self.names.exchange}"
@@ -188,6 +205,7 @@ class Connection:
             raise NotConnected("the client is not connected: call connect() first")
         channel, exchange = self._channel, self._exchange
         await channel.ready()
+        underlay = await channel.get_underlay_channel()
         loop = asyncio.get_running_loop()
         correlation_id = uuid.uuid4().hex
         waiter: asyncio.Future[Reply] | None = None
@@ -211,7 +229,10 @@ class Connection:
             correlation_id=correlation_id if reply else None,
         )
         try:
-            await _publish(exchange, message, routing_key)
+            try:
+                await _publish(exchange, message, routing_key)
+            except aiormq.exceptions.DeliveryError:
+                raise _Nacked(underlay) from None
             return None if waiter is None else await waiter
         finally:
             self._pending.pop(correlation_id, None)
@@ -240,6 +261,21 @@ class Connection:
         for callback in self.on_lost:
             callback()
 
+    async def _renew(self, nacked: aiormq.abc.AbstractChannel) -> None:
+        """Replace the channel that nacked, unless that was done already (calls nacked
+        together renew it once): the robust channel opens a fresh one, with the reply
+        consumer, and the calls in flight on the old one are sent again."""
+        channel = self._channel
+        if channel is None or nacked.is_closed:
+            return
+        try:
+            current = await channel.get_underlay_channel()
+            if current is nacked:
+                log.info("state_client_channel_renewed", reason="nacked")
+                await current.close()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.info("state_client_channel_renew_failed", error=repr(exc))
+
     def _on_reconnected(self, _connection: object) -> None:
         log.info("state_client_reconnected", connection_name=self.connection_name)
 
@@ -259,15 +295,14 @@ def expect(reply: Reply | None, kind: type[R]) -> R:
 
 
 async def _publish(exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
-    """Publish, mandatory, and wait for the confirm; broker answers become typed errors,
-    a lost channel becomes ``_Resend``."""
+    """Publish, mandatory, and wait for the confirm; broker answers become typed errors
+    (but a nack, ``aiormq.exceptions.DeliveryError``, which the caller retries), a lost
+    channel becomes ``_Resend``."""
     where = f"exchange {exchange.name!r}, routing key {routing_key!r}"
     try:
         await exchange.publish(message, routing_key, mandatory=True)
     except aiormq.exceptions.PublishError:
         raise Unroutable(f"no queue is bound for {where}: is a worker running?") from None
-    except aiormq.exceptions.DeliveryError as exc:
-        raise PublishRefused(f"the broker nacked the message ({where}): {exc}") from None
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise PublishRefused(f"the broker refused the message ({where}): {exc}") from None
     except aiormq.exceptions.ChannelNotFoundEntity:

@@ -104,8 +104,14 @@ class Worker:
         # One channel per consumer, so each has its own prefetch and its own delivery tags
         # (the write path acks with `multiple`); replies and dead letters on their own.
         # Each subscription sets its channel's prefetch (worker.broker.Subscription).
+        # Declared on a channel of its own, closed at once: a robust channel that kept the
+        # declarations would replay them when it reopens, and one that fails (a queue whose
+        # node is down) would leave it closed for good. The consumers declare their queue
+        # again when the broker cancels them (worker.broker.Subscription).
+        setup_channel = await self.connection.channel()
+        await declare(setup_channel, settings)
+        await setup_channel.close()
         commands_channel = await self.connection.channel()
-        await declare(commands_channel, settings)
         rpc_channel = await self.connection.channel()
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)

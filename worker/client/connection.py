@@ -302,7 +302,9 @@ async def _publish(exchange: AbstractExchange, message: aio_pika.Message, routin
     try:
         await exchange.publish(message, routing_key, mandatory=True)
     except aiormq.exceptions.PublishError:
-        raise Unroutable(f"no queue is bound for {where}: is a worker running?") from None
+        raise Unroutable(
+            f"no queue is bound for {where}, or its node is down: is a worker running?"
+        ) from None
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise PublishRefused(f"the broker refused the message ({where}): {exc}") from None
     except aiormq.exceptions.ChannelNotFoundEntity:

@@ -26,6 +26,7 @@ from worker.client import (
     Scope,
     StateClient,
     Unroutable,
+    nacks,
     next_uuid7,
     op_delete,
     op_set,
@@ -232,11 +233,43 @@ async def test_a_write_the_broker_nacks_raises_publish_refused(
     # A commands queue full at one message, and no worker draining it: the broker nacks.
     await declare(amqp, settings.with_changes(commands_max_length=1))
     # A quorum queue applies its limit once it has counted what it holds: soon, not at once.
-    with pytest.raises(PublishRefused, match="nacked"):
+    with pytest.raises(PublishRefused, match="nacked") as refused:
         for i in range(100):
             await client.set(ISSUE, f"key-{i}", i)
+    # Refused after a bounded run of nacks, each on a fresh channel, well before the timeout.
+    assert f"{nacks.ATTEMPTS} times" in str(refused.value)
     assert client.last_write(ISSUE, "key-0") is not None
     assert client.last_write(ISSUE, f"key-{i}") is None
+
+
+async def test_a_run_of_nacks_that_ends_is_retried_not_a_refusal(
+    client: StateClient,
+    amqp: aio_pika.abc.AbstractChannel,
+    settings: Settings,
+    start_worker: StartWorker,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+) -> None:
+    """As during a quorum queue's leader election: the broker nacks for a while, then takes
+    the write again; the write is sent again (same id) on a fresh channel and is applied."""
+    full = settings.with_changes(commands_max_length=1)
+    await declare(amqp, full)
+
+    async def nacked() -> bool:  # fill the queue until the broker says no
+        try:
+            await client.set(ISSUE, "filler", 0, timeout=1)
+        except PublishRefused:
+            return True
+        return False
+
+    await wait_until(nacked, 30, "the commands queue to be full")
+    writing = asyncio.create_task(client.set(ISSUE, "cursor", {"page": 3}, wait=True))
+    await asyncio.sleep(0.3)  # nacked a few times meanwhile
+    assert not writing.done()
+    await start_worker(commands_max_length=1)  # drains the queue: publishes are taken again
+    write_id = await asyncio.wait_for(writing, 10)
+    assert client.last_write(ISSUE, "cursor") == write_id
+    assert (await state_of(db, plugin_id))[("issue", "ISS-42", "default", "cursor")] == {"page": 3}
 
 
 async def test_a_call_nobody_answers_times_out_and_leaves_no_pending_call(

@@ -11,12 +11,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import aiormq
 import asyncpg
 import click
 import msgspec
 from click.testing import CliRunner, Result
 
 from schemas.codec import JSON, MSGPACK
+from worker.client import nacks
 from worker.config import Settings
 from worker.dead_commands import register
 from worker.dead_letters import PREVIEW_CHARS, preview
@@ -420,3 +422,40 @@ async def test_list_and_purge_take_any_letter_however_malformed(
     assert all(len(letter["preview"]) <= PREVIEW_CHARS for letter in letters)
     succeeded(await dead(settings, "purge", "--all", "--yes"))
     await wait_for_count(amqp, queue, 0, "every odd letter purged")
+
+
+async def test_a_replay_nacked_for_a_while_is_sent_again_and_one_nacked_for_good_stays(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    """Nacks are retried on a fresh channel with back-off (a quorum queue electing a leader
+    nacks for a while); a queue that stays full is a refusal after a bounded run of them."""
+    full = settings.with_changes(commands_max_length=1)
+    await declare(amqp, full)
+    names = Names(settings.prefix)
+    plugin = uuid.uuid4()
+    commands = await amqp.get_exchange(settings.prefix, ensure=False)  # confirms: the default
+
+    async def nacked() -> bool:  # a quorum queue applies its limit once it counted what it holds
+        try:
+            await commands.publish(aio_pika.Message(b"{}"), f"cmd.{plugin}")
+        except aiormq.exceptions.DeliveryError:
+            return True
+        return False
+
+    await wait_until(nacked, what="the commands queue to be full")
+    await publish_dead_letter(amqp, settings, "late", "internal", f"cmd.{plugin}")
+    await wait_for_count(amqp, names.dead, 1, "the dead letter to arrive")
+
+    refused = await dead(settings, "replay", "--yes")
+    assert refused.exit_code == 1, refused.output
+    assert f"nacked the message {nacks.ATTEMPTS} times" in refused.stderr, refused.stderr
+    await wait_for_count(amqp, names.dead, 1, "the refused letter to stay")
+
+    replaying = asyncio.create_task(dead(settings, "replay", "--yes"))
+    await asyncio.sleep(0.5)  # nacked meanwhile
+    assert not replaying.done()
+    await (await amqp.get_queue(names.commands_queue, ensure=False)).purge()  # room again
+    succeeded(await asyncio.wait_for(replaying, 20))
+    await wait_for_count(amqp, names.dead, 0, "the replayed letter to leave")
+    replayed = await queue_messages(amqp, names.commands_queue)
+    assert [m.headers.get("x-trace") for m in replayed] == ["late"]

@@ -16,13 +16,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, TypeVar
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker.applier import Applier
 from worker.auth import Authorizer
 from worker.broker import BROKER_FAILURES
+from worker.client import failover
 from worker.config import Settings
 from worker.consumer import CommandConsumer
 from worker.health import HealthServer
@@ -94,15 +94,25 @@ class Worker:
         self.database_ok = True
         self.connection = await self._until_up(
             "rabbitmq",
-            lambda: aio_pika.connect_robust(
-                settings.amqp_url, client_properties={"connection_name": self.connection_name}
+            # Any live node of the broker's, and another when that one goes down.
+            lambda: failover.connect(
+                settings.amqp_urls,
+                connection_name=self.connection_name,
+                retry_initial=settings.retry_initial_seconds,
+                retry_max=settings.retry_max_seconds,
             ),
         )
         # One channel per consumer, so each has its own prefetch and its own delivery tags
         # (the write path acks with `multiple`); replies and dead letters on their own.
         # Each subscription sets its channel's prefetch (worker.broker.Subscription).
+        # Declared on a channel of its own, closed at once: a robust channel that kept the
+        # declarations would replay them when it reopens, and one that fails (a queue whose
+        # node is down) would leave it closed for good. The consumers declare their queue
+        # again when the broker cancels them (worker.broker.Subscription).
+        setup_channel = await self.connection.channel()
+        await declare(setup_channel, settings)
+        await setup_channel.close()
         commands_channel = await self.connection.channel()
-        await declare(commands_channel, settings)
         rpc_channel = await self.connection.channel()
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)

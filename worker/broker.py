@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import aio_pika
@@ -152,7 +152,9 @@ class Subscription:
     It consumes while started and not held. When reality differs (a channel reopened after a
     reconnect, the broker cancelled the consumer because a node went down or the queue
     moved, a ``basic.consume`` failed), ``keep`` (a task of the owner's task group)
-    makes it so again, with capped exponential back-off.
+    makes it so again, with capped exponential back-off. After a broker cancel, or a
+    consume refused because the queue is not there, it declares the queue again (``declare``)
+    before it consumes: the queue may have been deleted, or its node lost.
 
     Deliveries the owner *parks* (``park``: held unacked for long, like reads waiting for
     a change) would use up the prefetch, which RabbitMQ counts per consumer: once as many
@@ -170,6 +172,7 @@ class Subscription:
         queue: str,
         on_delivery: Callable[[Delivery], None],
         *,
+        declare: Callable[[aiormq.abc.AbstractChannel], Awaitable[None]] | None = None,
         prefetch: int = 0,
         max_held_bytes: int = 0,
         retry_initial: float = 0.2,
@@ -178,6 +181,8 @@ class Subscription:
         self.channel = channel
         self.queue = queue
         self.on_delivery = on_delivery
+        self.declare = declare
+        self._declared = True  # by the owner, before it starts
         self.prefetch = prefetch
         self.max_held_bytes = max_held_bytes
         self.average_body = 0.0
@@ -316,9 +321,17 @@ class Subscription:
             log.debug("consumer_renewed", queue=self.queue, parked=self.parked)
         if self.wanted and self._tag is None:
             underlay = await self.channel.get_underlay_channel()
+            if not self._declared and self.declare is not None:
+                await self.declare(underlay)
+                self._declared = True
+                log.info("queue_declared_again", queue=self.queue)
             if self.prefetch or self.max_held_bytes:
                 await underlay.basic_qos(prefetch_count=self.current_prefetch())
-            ok = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
+            try:
+                ok = await underlay.basic_consume(self.queue, self._deliver, no_ack=False)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self._declared = False
+                raise
             if underlay is not self._underlay:
                 underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             self._underlay, self._tag = underlay, ok.consumer_tag
@@ -342,6 +355,7 @@ class Subscription:
         if getattr(frame, "consumer_tag", None) == self._tag:
             log.warning("consumer_cancelled_by_broker", queue=self.queue)
             self._tag = None
+            self._declared = False
             self._changed.set()
 
     async def _deliver(self, raw: DeliveredMessage) -> None:

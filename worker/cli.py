@@ -25,7 +25,12 @@ T = TypeVar("T")
 
 @click.group()
 @click.option("--database-url", help="Postgres URL [PLUGIN_STATE_DATABASE_URL]")
-@click.option("--amqp-url", help="RabbitMQ URL [PLUGIN_STATE_AMQP_URL]")
+@click.option(
+    "--amqp-url",
+    multiple=True,
+    help="RabbitMQ URL; repeat it (or comma-separate) for the nodes of a cluster "
+    "[PLUGIN_STATE_AMQP_URL]",
+)
 @click.option("--prefix", help="Topology name prefix [PLUGIN_STATE_PREFIX]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="[PLUGIN_STATE_LOG_FORMAT]")
 @click.option(
@@ -36,6 +41,7 @@ T = TypeVar("T")
 @click.pass_context
 def main(ctx: click.Context, /, **flags: Any) -> None:
     """Plugin state over AMQP: apply plugins' state commands and answer their reads."""
+    flags["amqp_url"] = ",".join(flags["amqp_url"]) or None  # the nodes, as the variable has them
     try:
         settings = Settings.from_env(**flags)
     except ConfigError as exc:

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from schemas import brokers
 from schemas.topology import DEFAULT_AMQP_URL, DEFAULT_PREFIX
 
 ENV_PREFIX: Final = "PLUGIN_STATE_"
@@ -34,7 +35,8 @@ class Settings:
     database_url: str = "postgresql://postgres@localhost:5432/plugin_state"
     """Postgres to store state in; `migrate` creates the database if it is missing."""
     amqp_url: str = DEFAULT_AMQP_URL
-    """RabbitMQ to consume from."""
+    """RabbitMQ to consume from: one URL, or the nodes of a cluster, comma-separated (the
+    worker connects to any live one, and moves to another when its node goes down)."""
     prefix: str = DEFAULT_PREFIX
     """Shared prefix of every exchange and queue name."""
     trusted_users: frozenset[str] = field(default_factory=frozenset)
@@ -135,6 +137,11 @@ class Settings:
         return self.prefetch or (self.apply_concurrency + 1) * self.batch_size
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker's addresses, each a URL of its own (``schemas.brokers``)."""
+        return brokers.split_urls(self.amqp_url)
+
+    @property
     def retention(self) -> timedelta:
         return timedelta(seconds=self.retention_seconds)
 
@@ -218,8 +225,10 @@ class Settings:
             raise ConfigError(f"{_env_name('prefix')} must be non-empty, without spaces, * or #")
         if urlsplit(self.database_url).scheme not in ("postgres", "postgresql"):
             raise ConfigError(f"{_env_name('database_url')} must be a postgresql:// URL")
-        if urlsplit(self.amqp_url).scheme not in ("amqp", "amqps"):
-            raise ConfigError(f"{_env_name('amqp_url')} must be an amqp:// or amqps:// URL")
+        try:
+            self.amqp_urls  # noqa: B018 - validates the list
+        except brokers.AddressError as exc:
+            raise ConfigError(f"{_env_name('amqp_url')}: {exc}") from None
 
     def redacted(self) -> dict[str, object]:
         """The settings as loggable data: passwords in URLs are replaced."""
@@ -235,15 +244,8 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """``amqp://user:secret@host/`` becomes ``amqp://user:***@host/``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``amqp://user:secret@host/`` becomes ``amqp://user:***@host/``; every URL of a list."""
+    return brokers.redact(url)
 
 
 def _parse(name: str, type_name: object, raw: str) -> object:

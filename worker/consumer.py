@@ -31,6 +31,7 @@ from msgspec import UNSET
 
 from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
+from worker import topology
 from worker.applier import Applier, TimedOut, transactions
 from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
 from worker.config import Settings
@@ -81,6 +82,9 @@ class CommandConsumer:
             channel,
             Names(settings.prefix).commands_queue,
             self._on_delivery,
+            declare=lambda channel: topology.declare_again(
+                channel, settings, Names(settings.prefix).commands_queue
+            ),
             prefetch=settings.effective_prefetch,
             max_held_bytes=settings.held_max_bytes,
             retry_initial=settings.retry_initial_seconds,

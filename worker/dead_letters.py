@@ -63,6 +63,7 @@ import aiormq
 import msgspec
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -70,6 +71,8 @@ from aio_pika.abc import (
 
 from schemas.codec import MSGPACK
 from worker.broker import BROKER_FAILURES
+from worker.client import failover, nacks
+from worker.client.errors import PublishRefused
 from worker.config import Settings, redact_url
 from worker.publish import PUBLISH_TIMEOUT, without_bookkeeping
 from worker.topology import Names
@@ -364,30 +367,34 @@ class DeadLetters:
         self,
         names: Names,
         user: str,
+        connection: AbstractConnection,
         reading: AbstractChannel,
         publishing: AbstractChannel,
         queue: AbstractQueue,
     ) -> None:
         self.names = names
         self.user = user  # the RabbitMQ user this connection logged in as
+        self._connection = connection
         self._reading = reading
         self._publishing = publishing
+        self._renewing = asyncio.Lock()
         self._queue = queue
         self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[DeadLetters]:
-        """Connect; closing returns to the queue whatever is still unacked."""
+        """Connect (to any node of the broker's); closing returns to the queue whatever is
+        still unacked. Not a robust connection: were it to reconnect, the messages a walk
+        holds would be back in the queue while the walk went on."""
         names = Names(settings.prefix)
+        name = f"plugin-state-worker dead {socket.gethostname()}:{os.getpid()}"
         try:
-            connection = await aio_pika.connect(
-                settings.amqp_url,
-                client_properties={
-                    "connection_name": (
-                        f"plugin-state-worker dead {socket.gethostname()}:{os.getpid()}"
-                    )
-                },
+            connection = await failover.any_node(
+                settings.amqp_urls,
+                lambda urls, i: aio_pika.connect(
+                    urls[i], client_properties={"connection_name": name}
+                ),
             )
         except (*BROKER_FAILURES, OSError) as exc:
             raise DeadLetterError(
@@ -407,7 +414,7 @@ class DeadLetters:
             publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             # aio-pika logs in as the URL's user, or as AMQP's default `guest`.
             user = unquote(urlsplit(settings.amqp_url).username or "") or "guest"
-            yield cls(names, user, reading, publishing, queue)
+            yield cls(names, user, connection, reading, publishing, queue)
 
     async def count(self) -> int:
         """Messages ready in the dead queue now (not those another reader holds)."""
@@ -488,24 +495,52 @@ class DeadLetters:
     async def _replay_one(
         self, letter: DeadLetter, message: AbstractIncomingMessage, window: asyncio.Semaphore
     ) -> None:
+        where = f"exchange {letter.exchange!r}, routing key {letter.routing_key!r}"
+        run = nacks.NackRun(where)
         try:
-            try:
-                exchange = await self._exchange(letter.exchange)
-                await exchange.publish(
-                    replayable(message, self.user),
-                    routing_key=letter.routing_key,
-                    mandatory=True,
-                    timeout=PUBLISH_TIMEOUT,
-                )
-            except BROKER_FAILURES as exc:
-                raise DeadLetterError(
-                    f"dead letter #{letter.index} could not be replayed to exchange "
-                    f"{letter.exchange!r} with routing key {letter.routing_key!r} "
-                    f"({_failure(exc)}); it stays in {self.names.dead}"
-                ) from exc
+            while True:
+                publishing = self._publishing
+                try:
+                    exchange = await self._exchange(letter.exchange)
+                    await exchange.publish(
+                        replayable(message, self.user),
+                        routing_key=letter.routing_key,
+                        mandatory=True,
+                        timeout=PUBLISH_TIMEOUT,
+                    )
+                except aiormq.exceptions.DeliveryError as exc:
+                    if isinstance(exc, aiormq.exceptions.PublishError):  # returned: unroutable
+                        raise self._not_replayed(letter, where, exc) from exc
+                    # Nacked: the queue may be electing a leader (``worker.client.nacks``).
+                    try:
+                        pause = run.nacked()
+                    except PublishRefused as refused:
+                        raise self._not_replayed(letter, where, refused) from exc
+                    await self._renew_publishing(publishing)
+                    await asyncio.sleep(pause)
+                    continue
+                except BROKER_FAILURES as exc:
+                    raise self._not_replayed(letter, where, exc) from exc
+                break
             await message.ack()
         finally:
             window.release()
+
+    def _not_replayed(self, letter: DeadLetter, where: str, exc: BaseException) -> DeadLetterError:
+        return DeadLetterError(
+            f"dead letter #{letter.index} could not be replayed to {where} "
+            f"({_failure(exc)}); it stays in {self.names.dead}"
+        )
+
+    async def _renew_publishing(self, nacked: AbstractChannel) -> None:
+        """A fresh publishing channel, once for the replays that the old one nacked
+        together (left open: replays still wait for its confirms)."""
+        async with self._renewing:
+            if self._publishing is nacked:
+                self._publishing = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._exchanges.clear()
 
     async def _exchange(self, name: str) -> AbstractExchange:
         if name == "":

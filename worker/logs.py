@@ -1,5 +1,6 @@
 """Structured logging: an event name plus fields, as text for people or one JSON object per
-line for machines. Payloads and secrets are never logged; URLs go through ``redact_url``."""
+line for machines. Payloads and secrets are never logged: the password of every URL in every
+field of every line (an error's text included) is replaced by ``***`` before it is written."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from schemas.brokers import redact
 
 
 def configure(log_format: str = "text", level: str = "info") -> None:
@@ -21,6 +25,7 @@ def configure(log_format: str = "text", level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_urls,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -29,3 +34,12 @@ def configure(log_format: str = "text", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def redact_urls(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    """Hide the password of any URL in a text field: a setting, an error's message or
+    traceback (a driver's error may quote the URL it was given)."""
+    for name, value in event.items():
+        if isinstance(value, str) and "://" in value:
+            event[name] = redact(value)
+    return event

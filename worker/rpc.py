@@ -48,7 +48,7 @@ from schemas.messages import (
     Reply,
     ValuesReply,
 )
-from worker import changes, reads
+from worker import changes, reads, topology
 from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
 from worker.config import Settings
 from worker.cursor import decode_cursor, encode_cursor
@@ -96,6 +96,9 @@ class RpcServer:
             channel,
             Names(settings.prefix).rpc_queue,
             self._on_delivery,
+            declare=lambda channel: topology.declare_again(
+                channel, settings, Names(settings.prefix).rpc_queue
+            ),
             prefetch=settings.rpc_prefetch,
             max_held_bytes=settings.held_max_bytes,
             retry_initial=settings.retry_initial_seconds,

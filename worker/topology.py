@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
@@ -18,7 +19,7 @@ from schemas import topology
 from schemas.topology import Names
 from worker.config import Settings
 
-__all__ = ["Names", "Topology", "commands_queue_arguments", "declare"]
+__all__ = ["Names", "Topology", "commands_queue_arguments", "declare", "declare_again"]
 
 
 def commands_queue_arguments(settings: Settings) -> FieldTable:
@@ -58,3 +59,20 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
     rpc = await channel.declare_queue(names.rpc_queue, durable=True)
     await rpc.bind(exchange, routing_key=names.rpc_key("*"))
     return Topology(exchange, commands, rpc, dead_exchange, dead)
+
+
+async def declare_again(
+    channel: aiormq.abc.AbstractChannel, settings: Settings, queue: str
+) -> None:
+    """Declare a consumed queue (the commands or the rpc queue), its exchange and its binding
+    again, as ``declare`` does: after the broker cancelled its consumer because it was
+    deleted, or lost with its node. On the raw channel, so that no robust channel keeps
+    the declaration to replay (and fail) when it reopens."""
+    names = Names(settings.prefix)
+    arguments, key = {
+        names.commands_queue: (commands_queue_arguments(settings), names.command_key("*")),
+        names.rpc_queue: (None, names.rpc_key("*")),
+    }[queue]
+    await channel.exchange_declare(names.exchange, exchange_type="topic", durable=True)
+    await channel.queue_declare(queue, durable=True, arguments=arguments)
+    await channel.queue_bind(queue, names.exchange, routing_key=key)

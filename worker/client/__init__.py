@@ -20,7 +20,9 @@ either completes or raises ``RequestTimeout``; it never hangs. Exceptions:
   (``InvalidRequest``, ``UnknownPlugin``, ``WritePending``...). ``Forbidden`` is also raised
   when the broker refuses the publish for lack of permission.
 - ``ClientError`` subclasses: ``RequestTimeout`` (also a ``TimeoutError``), ``PublishRefused``
-  (the broker refused to take the write, e.g. the commands queue is full), ``Unroutable``
+  (the broker refused to take the write: nacked it on fresh channels, with back-off, as
+  many times as ``nacks.ATTEMPTS``, e.g. the commands queue is full), ``BrokerUnreachable``
+  (no node of the broker's answered ``connect``: each was tried once), ``Unroutable``
   (no exchange or no queue for the routing key: no worker declared the topology),
   ``Conflict`` (a conditional write's condition did not hold), ``UnexpectedReply``,
   ``NotConnected``.
@@ -34,8 +36,10 @@ plugin's RabbitMQ user then needs configure and read permissions on it
 
 from schemas.topology import DIRECT_REPLY_TO
 
+from . import failover
 from .cache import CacheLimits, CacheStats
 from .errors import (
+    BrokerUnreachable,
     ClientError,
     Conflict,
     NotConnected,
@@ -64,6 +68,7 @@ from .watch import Reset, Synced, WatchEvent
 __all__ = [
     "DIRECT_REPLY_TO",
     "BatchOp",
+    "BrokerUnreachable",
     "CacheLimits",
     "CacheStats",
     "Change",
@@ -86,6 +91,7 @@ __all__ = [
     "UnexpectedReply",
     "Unroutable",
     "WatchEvent",
+    "failover",
     "next_uuid7",
     "op_delete",
     "op_set",

@@ -1,11 +1,13 @@
-"""The client's wire: one robust AMQP connection, one channel with publisher confirms, and
+"""The client's wire: one robust AMQP connection (to any node of the broker's, moving to
+another when that one goes down: ``failover``), one channel with publisher confirms, and
 replies through direct reply-to (or a reply queue of the client's own).
 
 ``Connection.call`` publishes a message and, for a read or a write that waits, waits for
 its answer, until the call's deadline: when the connection or channel is lost, the call is
 sent again once the channel is back (reads are idempotent; a write is re-sent with the same
-id, which the contract makes harmless). So a call either completes or raises
-``RequestTimeout``; it never hangs.
+id, which the contract makes harmless). A nacked publish is sent again on a fresh channel,
+with back-off, until a bounded run of nacks makes it a refusal (``nacks``). So a call
+either completes or raises (``RequestTimeout``, ``PublishRefused``...); it never hangs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from schemas.errors import Forbidden, StateError, error_from_code
 from schemas.messages import ErrorReply, Reply
 from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 
+from . import failover, nacks
 from .errors import NotConnected, PublishRefused, RequestTimeout, UnexpectedReply, Unroutable
 
 log = structlog.get_logger(__name__)
@@ -40,8 +43,9 @@ log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=Struct)
 
 RECONNECT_INTERVAL: Final = 1.0
-"""How soon the robust connection tries again after losing the broker (aio-pika's default,
-5 s, is as long as a whole default call)."""
+"""The longest pause between two rounds of reconnection attempts over the broker's nodes
+(aio-pika's default, 5 s, is as long as a whole default call); a quarter of it between two
+nodes of a round."""
 _REPLY_MARGIN: Final = 0.5
 """Reads expire this much (at most 10 % of the remaining time) before the caller gives up,
 so that an answer the worker sends at the expiration (``write_pending``) still arrives."""
@@ -53,12 +57,20 @@ class _Resend(Exception):
     """The channel was lost while a call was in flight: send it again."""
 
 
+class _Nacked(Exception):
+    """The broker nacked the publish (``nacks``): send it again on a fresh channel."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        super().__init__("nacked")
+        self.channel = channel
+
+
 class Connection:
     """Publishes calls and matches their replies, across reconnects."""
 
     def __init__(
         self,
-        url: str,
+        urls: tuple[str, ...],
         names: Names,
         codec: Codec,
         *,
@@ -67,7 +79,7 @@ class Connection:
         timeout: float,
         connection_name: str,
     ) -> None:
-        self.url = url
+        self.urls = urls
         self.names = names
         self.codec = codec
         self.user_id = user_id
@@ -96,11 +108,12 @@ class Connection:
         """Connect, open the confirm channel and consume the replies on it."""
         if self._connection is not None:
             raise RuntimeError("the client is already connected")
-        connection = await aio_pika.connect_robust(
-            self.url,
-            client_properties={"connection_name": self.connection_name},
+        connection = await failover.connect(
+            self.urls,
+            connection_name=self.connection_name,
             timeout=self.timeout,
-            reconnect_interval=RECONNECT_INTERVAL,
+            retry_initial=RECONNECT_INTERVAL / 4,
+            retry_max=RECONNECT_INTERVAL,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -148,6 +161,7 @@ class Connection:
         seconds = self.timeout if timeout is None else timeout
         deadline = asyncio.timeout(seconds)
         delay = _RETRY_INITIAL
+        run = nacks.NackRun(f"exchange {self.names.exchange!r}, routing key {routing_key!r}")
         try:
             async with deadline:
                 while True:
@@ -161,11 +175,18 @@ class Connection:
                         )
                     except _Resend as exc:
                         log.info("state_client_retry", reason=str(exc), retry_in=delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
+                        pause, delay = delay, min(delay * 2, _RETRY_MAX)
+                    except _Nacked as nacked:
+                        pause = run.nacked()
+                        log.info("state_client_nacked", nacks=run.count, retry_in=pause)
+                        await self._renew(nacked.channel)
+                    await asyncio.sleep(pause)
         except TimeoutError:
             if not deadline.expired():
                 raise
+            if run.count:
+                # The broker's last word was a nack, not silence.
+                raise run.refusal() from None
             what = "reply" if reply else "publisher confirm"
             raise RequestTimeout(
                 f"no {what} within {seconds}s for {routing_key} on {self.names.exchange}"
@@ -184,6 +205,7 @@ class Connection:
             raise NotConnected("the client is not connected: call connect() first")
         channel, exchange = self._channel, self._exchange
         await channel.ready()
+        underlay = await channel.get_underlay_channel()
         loop = asyncio.get_running_loop()
         correlation_id = uuid.uuid4().hex
         waiter: asyncio.Future[Reply] | None = None
@@ -207,7 +229,10 @@ class Connection:
             correlation_id=correlation_id if reply else None,
         )
         try:
-            await _publish(exchange, message, routing_key)
+            try:
+                await _publish(exchange, message, routing_key)
+            except aiormq.exceptions.DeliveryError:
+                raise _Nacked(underlay) from None
             return None if waiter is None else await waiter
         finally:
             self._pending.pop(correlation_id, None)
@@ -236,6 +261,21 @@ class Connection:
         for callback in self.on_lost:
             callback()
 
+    async def _renew(self, nacked: aiormq.abc.AbstractChannel) -> None:
+        """Replace the channel that nacked, unless that was done already (calls nacked
+        together renew it once): the robust channel opens a fresh one, with the reply
+        consumer, and the calls in flight on the old one are sent again."""
+        channel = self._channel
+        if channel is None or nacked.is_closed:
+            return
+        try:
+            current = await channel.get_underlay_channel()
+            if current is nacked:
+                log.info("state_client_channel_renewed", reason="nacked")
+                await current.close()
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.info("state_client_channel_renew_failed", error=repr(exc))
+
     def _on_reconnected(self, _connection: object) -> None:
         log.info("state_client_reconnected", connection_name=self.connection_name)
 
@@ -255,15 +295,16 @@ def expect(reply: Reply | None, kind: type[R]) -> R:
 
 
 async def _publish(exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
-    """Publish, mandatory, and wait for the confirm; broker answers become typed errors,
-    a lost channel becomes ``_Resend``."""
+    """Publish, mandatory, and wait for the confirm; broker answers become typed errors
+    (but a nack, ``aiormq.exceptions.DeliveryError``, which the caller retries), a lost
+    channel becomes ``_Resend``."""
     where = f"exchange {exchange.name!r}, routing key {routing_key!r}"
     try:
         await exchange.publish(message, routing_key, mandatory=True)
     except aiormq.exceptions.PublishError:
-        raise Unroutable(f"no queue is bound for {where}: is a worker running?") from None
-    except aiormq.exceptions.DeliveryError as exc:
-        raise PublishRefused(f"the broker nacked the message ({where}): {exc}") from None
+        raise Unroutable(
+            f"no queue is bound for {where}, or its node is down: is a worker running?"
+        ) from None
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise PublishRefused(f"the broker refused the message ({where}): {exc}") from None
     except aiormq.exceptions.ChannelNotFoundEntity:

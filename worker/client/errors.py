@@ -15,6 +15,10 @@ class NotConnected(ClientError):
     """The client is not connected: ``connect()`` was not called, or it was closed."""
 
 
+class BrokerUnreachable(ClientError, ConnectionError):
+    """No address of the broker answered (each node of a cluster was tried once)."""
+
+
 class RequestTimeout(ClientError, TimeoutError):
     """No confirm or no reply before the call's deadline."""
 

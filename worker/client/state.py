@@ -9,12 +9,13 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
 from yarl import URL
 
+from schemas.brokers import split_urls
 from schemas.codec import JSON, codec_for
 from schemas.errors import StateError
 from schemas.messages import DEFAULT_NAMESPACE
@@ -37,12 +38,16 @@ _UPDATE_PAUSE_MAX: Final = 0.5
 class StateClient(Writes, Watching):
     """A plugin's handle on its state. Use ``async with``, or ``connect()`` and ``close()``.
 
+    ``amqp_url`` is the broker's URL, or the URLs of a cluster's nodes (a sequence, or one
+    comma-separated string): the client connects to any live node and moves to another when
+    its node goes down (``worker.client.failover``).
+
     ``cache=CacheLimits(...)`` (or ``True`` for the defaults) keeps a near cache of the
     entries read, kept current from the change log (``worker.client.cache``)."""
 
     def __init__(
         self,
-        amqp_url: str,
+        amqp_url: str | Sequence[str],
         plugin_id: uuid.UUID | str,
         *,
         prefix: str = DEFAULT_PREFIX,
@@ -64,14 +69,15 @@ class StateClient(Writes, Watching):
             self._codec = codec_for(content_type)
         except StateError as exc:
             raise ValueError(exc.message) from None
+        urls = split_urls(amqp_url)
         self._wire = Connection(
-            amqp_url,
+            urls,
             self._names,
             self._codec,
             # RabbitMQ checks user_id against the connection's user; the worker checks that
             # this user may act for the plugin (protocol §6). aio-pika logs in as guest by
             # default.
-            user_id=URL(amqp_url).user or "guest",
+            user_id=URL(urls[0]).user or "guest",
             reply_to=DIRECT_REPLY_TO
             if reply_queue is None
             else self._names.reply_queue_prefix(self.plugin_id) + reply_queue,

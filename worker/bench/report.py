@@ -70,6 +70,11 @@ class Latency:
         }
 
 
+PUBLISHER_KEPT_PACE: Final = 0.95
+"""A latency phase whose publisher reached less than this share of its pace measured the
+publisher, and says so."""
+
+
 @dataclass(frozen=True, slots=True)
 class WriteLatency:
     """Publish-to-commit latency of writes paced at one rate."""
@@ -81,9 +86,22 @@ class WriteLatency:
     drain_seconds: float
     """From the last publish to the last commit: about one batch when the consumer kept up
     with the pace, the backlog it accumulated when it did not."""
+    published_rate: float
+    """Writes per second the bench's publisher actually reached; below ``rate`` the
+    publisher, not the worker, was the limit."""
+
+    @property
+    def publisher_limited(self) -> bool:
+        return self.published_rate < PUBLISHER_KEPT_PACE * self.rate
 
     def as_json(self) -> dict[str, Any]:
-        return {"rate": self.rate, **self.latency.as_json(), "drain_seconds": self.drain_seconds}
+        return {
+            "rate": self.rate,
+            **self.latency.as_json(),
+            "drain_seconds": self.drain_seconds,
+            "published_rate": self.published_rate,
+            "publisher_limited": self.publisher_limited,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +583,14 @@ def _latency_rows(
             ),
             (f"{title}  last publish to last commit", f"{point.drain_seconds * 1000:.1f}", "ms"),
         ]
+        if point.publisher_limited:
+            rows.append(
+                (
+                    f"{title}  the bench's publisher was the limit: it reached only",
+                    f"{point.published_rate:,.0f}",
+                    "writes/s",
+                )
+            )
     return rows
 
 

@@ -30,7 +30,7 @@ from worker.bench.workload import WriteStream, entry_names
 from worker.bench.writes import measure_latency, measure_throughput
 from worker.config import Settings
 
-LATENCY_FRACTIONS: Final = (0.5,)
+LATENCY_FRACTIONS: Final = (0.1, 0.25, 0.5)
 """The paced rates of the latency phases, as fractions of the measured maximum."""
 _WRITES_SEED: Final = 4
 """The worker's write stream; the peers get its first ``peer_writes`` writes (the same

@@ -171,8 +171,14 @@ def publish_to_commit(
 ) -> WriteLatency:
     """The latency of paced writes from when each key's write was published and committed."""
     latencies = [committed[key] - at for key, at in published.items()]
+    span = max(published.values()) - min(published.values())
+    # n writes paced at `rate` take (n - 1) / rate seconds to publish.
+    reached = (len(published) - 1) / span if span > 0 else rate
     return WriteLatency(
-        rate, Latency.of(latencies), max(committed.values()) - max(published.values())
+        rate,
+        Latency.of(latencies),
+        max(committed.values()) - max(published.values()),
+        published_rate=reached,
     )
 
 

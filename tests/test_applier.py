@@ -15,7 +15,7 @@ from schemas.codec import codec_for
 from schemas.errors import Stale, UnknownPlugin, UnsupportedValue
 from worker.applier import Applier, Result, TimedOut
 from worker.config import Settings
-from worker.model import EntryKey, EntryWrite, Write
+from worker.model import Conflict, EntryKey, EntryWrite, Write
 from worker.retention import purge_once
 from worker.store import LOCK_CLASS, RETENTION_LOCK, Store
 from worker.validate import Rules, validate_write
@@ -112,6 +112,51 @@ async def test_stored_null_is_a_value_and_the_row_records_its_version(
         "SELECT value_json, version FROM plugin_state WHERE plugin_id=$1", plugin_id
     )
     assert row is not None and row["value_json"] == "null" and row["version"] == write_id
+
+
+async def test_a_redelivered_conflicted_claim_stays_a_conflict_after_the_holder_is_deleted(
+    store: Store, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    """Protocol §7: redelivery stays idempotent. The claim was told `conflict`; a late,
+    older delete then clears the holder's value; the claim's redelivery must not apply, or
+    two clients would both hold the claim."""
+    holder, late_delete, claim_id = uuid7(), uuid7(), uuid7()
+    claim = {**set_cmd(plugin_id, "k", "me", write_id=claim_id), "if_absent": True}
+    assert await apply(store, set_cmd(plugin_id, "k", "holder", write_id=holder)) == ["applied"]
+    assert await apply(store, claim) == [Conflict()]
+    assert await apply(store, delete_cmd(plugin_id, "k", write_id=late_delete)) == ["applied"]
+
+    assert await apply(store, claim) == [Conflict()], "the redelivery is a conflict again"
+    assert await apply(store, claim, claim) == [Conflict(), Conflict()]
+    assert await state_of(db, plugin_id) == {}
+
+
+async def test_a_redelivered_conflicted_batch_names_the_same_failing_op(
+    store: Store, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    holder = uuid7()
+    batch = {
+        "op": "batch",
+        "id": str(uuid7()),
+        "plugin_id": str(plugin_id),
+        "ops": [
+            {"op": "set", "scope_kind": "instance", "key": "other", "value": 1},
+            {
+                "op": "set",
+                "scope_kind": "issue",
+                "scope_id": "ISS-1",
+                "key": "k",
+                "value": "me",
+                "if_absent": True,
+            },
+        ],
+    }
+    assert await apply(store, set_cmd(plugin_id, "k", "holder", write_id=holder)) == ["applied"]
+    assert await apply(store, batch) == [Conflict(1)]
+    await apply(store, delete_cmd(plugin_id, "k"))
+
+    assert await apply(store, batch) == [Conflict(1)]
+    assert await state_of(db, plugin_id) == {}
 
 
 def unvalidated(plugin_id: uuid.UUID, key: str, value_json: str) -> Write:

@@ -16,15 +16,18 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import aiormq
 import asyncpg
+import msgspec
 import pytest
 
 from worker.config import Settings
+from worker.topology import Names, declare
 
 from .broker import rabbitmqctl, require_rabbitmqctl
 from .conftest import StartWorker, isolated_prefix, unique
 from .helpers import delete_cmd, set_cmd, state_of, uuid7
 from .rpc import RawRpc
 from .services import ServiceUrls
+from .test_dead_letters import dead, listed, publisher, succeeded, wait_for_count
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq"
 
@@ -255,3 +258,96 @@ async def test_a_plugin_user_follows_its_own_feed_and_may_bind_no_other(
                 refused = await connection.channel()
                 again = await refused.get_queue(own_queue, ensure=False)
                 await again.bind(f"{settings.prefix}.changes", key)
+
+
+# --------------------------------------------------------------------------- dead replay
+
+
+async def publish_expiring(
+    user: User, settings: Settings, routing_key: str, body: dict[str, Any], **headers: Any
+) -> None:
+    """Publish as ``user`` a command that expires at once: RabbitMQ dead-letters it from the
+    commands queue itself, publisher's headers and all."""
+    connection = await aio_pika.connect(user.url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(settings.prefix, ensure=False)
+        message = aio_pika.Message(
+            msgspec.json.encode(body),
+            content_type="application/json",
+            correlation_id=str(body["id"]),
+            user_id=user.name,
+            expiration=0.001,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await exchange.publish(message, routing_key=routing_key)
+
+
+async def test_dead_replay_never_grants_a_letter_more_authority_than_its_publisher_had(
+    start_worker: StartWorker,
+    cast: Cast,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+) -> None:
+    """Plugin A's user writes for plugin B, with forged dead-letter headers (its only routing
+    key, cmd.A), and the intruder writes for B on cmd.B: both expire, RabbitMQ dead-letters
+    them, and an operator who may act for every plugin replays the dead queue."""
+    operator = settings.with_changes(trusted_users=settings.trusted_users | {cast.trusted.name})
+    topology = await declare(amqp, operator)
+    await topology.dead.purge()  # the module's earlier tests' dead letters
+    names = Names(settings.prefix)
+    forged = set_cmd(cast.plugin_b, "forged", 1, scope_kind="instance", scope_id=None)
+    await publish_expiring(
+        cast.owner_a,
+        settings,
+        Names.command_key(cast.plugin_a),
+        forged,
+        **{
+            "x-reject-code": "unknown_plugin",
+            "x-reject-reason": "registered since",
+            "x-original-routing-key": Names.command_key(cast.plugin_b),
+            "x-original-exchange": settings.prefix,
+            "x-original-user-id": cast.trusted.name,
+        },
+    )
+    intruding = set_cmd(cast.plugin_b, "intruded", 1, scope_kind="instance", scope_id=None)
+    await publish_expiring(cast.intruder, settings, Names.command_key(cast.plugin_b), intruding)
+    await wait_for_count(amqp, names.dead, 2, "RabbitMQ to dead-letter both expired writes")
+
+    letters = {letter["correlation_id"]: letter for letter in await listed(operator)}
+
+    shown = {
+        (letter["code"], letter["dead_lettered_by"], letter["routing_key"], letter["user_id"])
+        for letter in letters.values()
+    }
+    assert shown == {
+        ("expired", "rabbitmq", Names.command_key(cast.plugin_a), cast.owner_a.name),
+        ("expired", "rabbitmq", Names.command_key(cast.plugin_b), cast.intruder.name),
+    }, "described from x-death and the broker-validated properties, not forged headers"
+
+    await start_worker(trusted_users=operator.trusted_users)
+    for selection in ((), ("--code", "expired"), ("--routing-key", "cmd.*")):
+        result = succeeded(await dead(operator, "replay", "--yes", *selection))
+        assert "replayed 0 of 2" in result.stdout, result.stdout
+        assert "may not act for plugin" in result.output, result.output
+        await wait_for_count(amqp, names.dead, 2, "both letters to stay in the dead queue")
+
+    # The worker is running: a write of B's own, published after the replays, is applied
+    # after anything they could have republished.
+    async with rpc_as(cast.owner_b, settings, user_id=cast.owner_b.name) as b:
+        own = set_cmd(cast.plugin_b, "own", 1, scope_kind="instance", scope_id=None)
+        assert (await b.call(cast.plugin_b, own, kind="cmd"))["outcome"] == "applied"
+    keys = {key for _, _, _, key in await state_of(db, cast.plugin_b)}
+    assert "own" in keys and not keys & {"forged", "intruded"}
+
+    # Asked for by code, as forbidden letters are, the operator vouches for both; the
+    # worker still refuses the one whose routing key is A's and body B's.
+    forced = succeeded(
+        await dead(operator, "replay", "--yes", "--code", "expired", "--code", "forbidden")
+    )
+    assert "replayed 2 of 2" in forced.stdout, forced.stdout
+    await wait_for_count(amqp, names.dead, 1, "the worker to dead-letter A's write for B")
+    [again] = await listed(operator)
+    assert (again["code"], again["user_id"]) == ("forbidden", publisher(operator))

@@ -8,7 +8,8 @@ connections of their own, in random transaction sizes. Each transaction reports 
 stands in the plugin's order (its head); replayed one transaction after another in that
 order by a model written from protocol §7 alone, every write must get the outcome it was
 reported (so no conditional write is ``applied`` unless its condition held then), and the
-final state must be the model's.
+final state must be the model's. A conditional write is judged once: redelivered, it gets
+the outcome of its first judgement (a conflict stays a conflict).
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ class Model:
     state: dict[Any, tuple[uuid.UUID, bool, int | None]] = field(default_factory=dict)
     applied: set[uuid.UUID] = field(default_factory=set)
     """Conditional writes applied so far (a redelivery is answered, not judged again)."""
+    conflicted: dict[uuid.UUID, Conflict] = field(default_factory=dict)
+    """Conditional writes that were a conflict: a redelivery is the same conflict, whatever
+    changed since (judged again, a losing claim could win once the holder is gone)."""
 
     def has_value(self, key: Any) -> bool:
         found = self.state.get(key)
@@ -118,15 +122,12 @@ class Model:
         if write.conditional:
             if write.id in self.applied:
                 return "applied" if write.id in versions else "superseded"
-            for position, (e, k) in enumerate(zip(write.entries, keys, strict=True)):
-                present = self.has_value(k)
-                version = self.state.get(k, (None,))[0]
-                if (e.if_absent and present) or (
-                    e.if_version is not None and (not present or version != e.if_version)
-                ):
-                    return Conflict(position if write.batch else None)
-            if all(v is not None and v >= write.id for v in versions):
-                return Conflict(0 if write.batch else None)  # too old to be applied
+            if write.id in self.conflicted:
+                return self.conflicted[write.id]
+            conflict = self._conflict(write, keys, versions)
+            if conflict is not None:
+                self.conflicted[write.id] = conflict
+                return conflict
         mine: set[Any] = set()
         for e, k in zip(write.entries, keys, strict=True):
             current = self.state.get(k)
@@ -138,6 +139,20 @@ class Model:
             self.applied.add(write.id)
             return "applied"
         return "superseded"
+
+    def _conflict(
+        self, write: Write, keys: list[Any], versions: list[uuid.UUID | None]
+    ) -> Conflict | None:
+        for position, (e, k) in enumerate(zip(write.entries, keys, strict=True)):
+            present = self.has_value(k)
+            version = self.state.get(k, (None,))[0]
+            if (e.if_absent and present) or (
+                e.if_version is not None and (not present or version != e.if_version)
+            ):
+                return Conflict(position if write.batch else None)
+        if all(v is not None and v >= write.id for v in versions):
+            return Conflict(0 if write.batch else None)  # too old to be applied
+        return None
 
 
 async def scenario(database_url: str, stream: list[Any], seed: int) -> None:

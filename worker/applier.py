@@ -150,9 +150,11 @@ class Applier:
             locked = await tx.lock_plugins(w.plugin_id for w in writes)
             states = await tx.read_entries(keys) if locked.usage else {}
             conditional = [w for w in writes if w.conditional]
-            applied = await tx.applied_conditional_writes(conditional) if conditional else set()
+            # Only conditional writes are looked up and recorded: unconditional ones pay
+            # nothing for it.
+            judged = await tx.recorded_conditional_writes(conditional) if conditional else {}
             decision = decide(
-                writes, states, locked.usage, self.quota, locked.now_ms, self.retention_ms, applied
+                writes, states, locked.usage, self.quota, locked.now_ms, self.retention_ms, judged
             )
             stores = decision.stores
             if self.changes and locked.now is not None:

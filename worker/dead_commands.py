@@ -121,8 +121,9 @@ class _ProgressBar:
 
 def _summary(verb: str, tally: Tally, selection: Selection, queue: str) -> str:
     withheld = (
-        f"; left {tally.withheld} forbidden one(s) in place (replay those only with "
-        "--code forbidden, as a user who may act for their plugins)"
+        f"; left {tally.withheld} forbidden one(s) in place, forbidden or whose publisher "
+        "may not act for their plugin (replay those only with --code forbidden besides "
+        "their own code, as a user who may act for their plugins):\n  " + "\n  ".join(tally.refused)
         if tally.withheld
         else ""
     )

@@ -3,9 +3,13 @@
 Two kinds of message end up there. The worker's own rejects carry ``x-reject-code``,
 ``x-reject-reason``, ``x-original-routing-key``, ``x-original-exchange`` (and
 ``x-original-user-id``) over the original body and properties (``worker.publish``).
-Commands that RabbitMQ itself dead-lettered (the commands queue's delivery limit, a
-``basic.reject``) carry RabbitMQ's ``x-death`` header instead; its reason
-(``delivery_limit``, ``rejected``, ...) stands in for the code.
+Commands that RabbitMQ itself dead-lettered (the commands queue's delivery limit, an
+expired ``expiration``, a ``basic.reject``) carry RabbitMQ's ``x-death`` header instead;
+its reason (``delivery_limit``, ``expired``, ``rejected``, ...) stands in for the code.
+Such a letter also keeps every header its publisher sent, forged ``x-reject-*`` and
+``x-original-*`` ones included, so it is described from ``x-death`` and the properties
+RabbitMQ validated only. A replay goes out as the operator's user: it never republishes a
+letter whose original publisher could not act for its plugin unless told to (``Authority``).
 
 How the queue is read without losing anything: every operation walks the messages present
 when it starts, taking each with ``basic.get`` and manual ack, one at a time (``basic.get``
@@ -52,9 +56,10 @@ import contextlib
 import fnmatch
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -69,12 +74,16 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from schemas.codec import MSGPACK
+from schemas.codec import MSGPACK, codec_for
+from schemas.errors import Forbidden, StateError
+from worker.auth import Authorizer, Caller, Route, routed_plugin
 from worker.broker import BROKER_FAILURES
 from worker.client import failover, nacks
 from worker.client.errors import PublishRefused
 from worker.config import Settings, redact_url
+from worker.plugins import PluginDirectory
 from worker.publish import PUBLISH_TIMEOUT, without_bookkeeping
+from worker.store import DATABASE_FAILURES, Store, create_pool
 from worker.topology import Names
 
 PREVIEW_CHARS: Final = 80
@@ -86,7 +95,9 @@ GET_TIMEOUT: Final = 10.0
 FORBIDDEN: Final = "forbidden"
 """Dead letters of this code are replayed only when asked for by code (``--code
 forbidden``): a replay goes out as the operator's user, who may act for plugins the
-original publisher could not."""
+original publisher could not. So are letters whose original publisher may not act for the
+plugin their replay would act for (``Authority``)."""
+_ROUTES: Final[dict[str, Route]] = {"cmd": "cmd", "rpc": "rpc"}
 
 DeadLetteredBy = Literal["worker", "rabbitmq", "unknown"]
 
@@ -164,31 +175,36 @@ def describe(index: int, message: AbstractIncomingMessage, default_exchange: str
 def _describe(index: int, message: AbstractIncomingMessage, default_exchange: str) -> DeadLetter:
     headers: Mapping[str, Any] = message.headers or {}
     by: DeadLetteredBy
-    code = _text(headers.get("x-reject-code"))
     deaths = _deaths(headers)
-    if code is not None:
+    code = _text(headers.get("x-reject-code"))
+    if deaths:
+        # RabbitMQ dead-lettered it, keeping its publisher's headers: any x-reject-* or
+        # x-original-* header is the publisher's, and so may be an x-death entry (RabbitMQ
+        # 3.x increments the count of a matching entry a publisher sent, keeping its
+        # exchange and routing keys). What RabbitMQ vouches for: the entry it puts first
+        # (queue, reason), the routing key the message was published with (the delivery's
+        # own, as the commands queue sets no dead-letter routing key) and the user_id it
+        # validated.
+        by = "rabbitmq"
+        latest = deaths[0]
+        code = _text(latest.get("reason")) or "unknown"
+        reason = f"dead-lettered by RabbitMQ from queue {_text(latest.get('queue'))!r} ({code})"
+        # Only the commands queue dead-letters here, and only the prefix's exchange feeds it.
+        exchange = None
+        routing_key = message.routing_key
+        user = message.user_id
+    elif code is not None:
+        # The worker's own: it drops a publisher's bookkeeping headers before writing its
+        # own, and only the worker (and operators) may publish to the dead exchange.
         by = "worker"
         reason = _text(headers.get("x-reject-reason")) or ""
         exchange = _text(headers.get("x-original-exchange"))
         routing_key = _text(headers.get("x-original-routing-key"))
-    elif deaths:
-        # x-death holds one entry per (queue, reason), the most recent first: the latest
-        # says why the message is here, the oldest where it was first published.
-        by = "rabbitmq"
-        latest, origin = deaths[0], deaths[-1]
-        code = _text(latest.get("reason")) or "unknown"
-        reason = (
-            f"dead-lettered by RabbitMQ from queue {_text(latest.get('queue'))!r} "
-            f"({code}, {_text(latest.get('count')) or '?'} time(s))"
-        )
-        exchange = _text(origin.get("exchange"))
-        keys = origin.get("routing-keys")
-        routing_key = _text(keys[0]) if isinstance(keys, list) and keys else None
+        user = _text(headers.get("x-original-user-id"))
     else:
         by, code = "unknown", "unknown"
         reason = "no x-reject-code or x-death header: not dead-lettered by the worker or RabbitMQ"
-        exchange, routing_key = None, None
-    original_user = _text(headers.get("x-original-user-id")) or message.user_id
+        exchange, routing_key, user = None, None, message.user_id
     return DeadLetter(
         index=index,
         code=code,
@@ -196,7 +212,7 @@ def _describe(index: int, message: AbstractIncomingMessage, default_exchange: st
         dead_lettered_by=by,
         exchange=default_exchange if exchange is None else exchange,
         routing_key=routing_key if routing_key is not None else message.routing_key or "",
-        user_id=original_user,
+        user_id=user,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
         content_type=message.content_type,
@@ -300,11 +316,83 @@ class Tally:
     scanned: int = 0
     taken: int = 0
     withheld: int = 0
-    """Selected ``forbidden`` letters a replay left in place (not asked for by code)."""
+    """Selected letters a replay left in place, not asked for by ``--code forbidden``:
+    ``forbidden`` ones, and those whose publisher may not act for their plugin."""
+    refused: list[str] = field(default_factory=list)
+    """Why each withheld letter was, one line each (``#index routing key: reason``)."""
 
 
 def _reached(tally: Tally, limit: int | None) -> bool:
     return limit is not None and tally.taken >= limit
+
+
+# --------------------------------------------------------------------------- authority
+
+
+class Authority:
+    """Whether a dead letter's original publisher may act for the plugin its replay would.
+
+    A replay goes out as the operator's user, typically one trusted for every plugin; were
+    it not checked, a plugin's user could have a write for another plugin dead-lettered (an
+    AMQP ``expiration`` is enough) and an ordinary replay would apply it. So before a letter
+    is republished, its original, broker-validated user is held to the worker's own rules
+    (``worker.auth``, protocol §6) for the body's ``plugin_id`` (the routing key's, when the
+    body cannot be read: the worker then refuses it anyway) against the plugins table.
+    Postgres is asked only when a letter needs it; a plugin that does not exist (yet) is
+    not a refusal for a trusted publisher: the worker answers ``unknown_plugin`` again."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._authorizer = Authorizer.from_settings(settings)
+        self._directory: PluginDirectory | None = None
+
+    async def close(self) -> None:
+        if self._directory is not None:
+            await self._directory.store.close()
+
+    async def refusal(self, letter: DeadLetter, message: AbstractIncomingMessage) -> str | None:
+        """None when ``letter`` may be replayed; otherwise why not."""
+        route = _ROUTES.get(letter.routing_key.partition(".")[0])
+        if route is None:
+            return None  # not a command or a read: nothing the worker would act on
+        plugin = _body_plugin(message, route) or routed_plugin(letter.routing_key, route)
+        if plugin is None:
+            return None  # names no plugin: the worker refuses it whoever sends it
+        try:
+            owners = await (await self._plugins()).owners([plugin])
+        except DATABASE_FAILURES as exc:
+            raise DeadLetterError(
+                f"cannot check who may replay dead letter #{letter.index} (Postgres: "
+                f"{_failure(exc)}); it stays in the dead queue"
+            ) from exc
+        error = self._authorizer.check(
+            Caller(letter.user_id, letter.routing_key), plugin, owners, route
+        )
+        return error.message if isinstance(error, Forbidden) else None
+
+    async def _plugins(self) -> PluginDirectory:
+        if self._directory is None:
+            settings = self._settings
+            pool = await create_pool(
+                settings.database_url,
+                1,
+                settings.db_command_timeout_seconds,
+                application_name="plugin-state-worker dead replay",
+            )
+            self._directory = PluginDirectory(Store(pool), settings.plugin_cache_seconds)
+        return self._directory
+
+
+def _body_plugin(message: AbstractIncomingMessage, route: Route) -> uuid.UUID | None:
+    """The ``plugin_id`` of the body, decoded as the worker decodes it; None when it cannot
+    be."""
+    try:
+        codec = codec_for(message.content_type)
+        if route == "cmd":
+            return codec.decode_write(message.body).plugin_id
+        return codec.decode_read(message.body).plugin_id
+    except StateError:
+        return None
 
 
 # --------------------------------------------------------------------------- walking
@@ -371,6 +459,7 @@ class DeadLetters:
         reading: AbstractChannel,
         publishing: AbstractChannel,
         queue: AbstractQueue,
+        authority: Authority,
     ) -> None:
         self.names = names
         self.user = user  # the RabbitMQ user this connection logged in as
@@ -379,6 +468,7 @@ class DeadLetters:
         self._publishing = publishing
         self._renewing = asyncio.Lock()
         self._queue = queue
+        self._authority = authority
         self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
@@ -414,7 +504,11 @@ class DeadLetters:
             publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             # aio-pika logs in as the URL's user, or as AMQP's default `guest`.
             user = unquote(urlsplit(settings.amqp_url).username or "") or "guest"
-            yield cls(names, user, connection, reading, publishing, queue)
+            authority = Authority(settings)
+            try:
+                yield cls(names, user, connection, reading, publishing, queue, authority)
+            finally:
+                await authority.close()
 
     async def count(self) -> int:
         """Messages ready in the dead queue now (not those another reader holds)."""
@@ -457,8 +551,9 @@ class DeadLetters:
     ) -> Tally:
         """Republish the selected dead letters (at most ``limit``) to their original
         exchange and routing key, body and properties as published, persistent; each is
-        acked only once the broker confirmed its republish. ``forbidden`` letters stay unless
-        the selection names that code."""
+        acked only once the broker confirmed its republish. ``forbidden`` letters, and those
+        whose original publisher may not act for their plugin (``Authority``), stay unless
+        the selection names the code ``forbidden``."""
         window = asyncio.Semaphore(REPLAY_WINDOW)
         async with self._walking(progress) as walk:
             # The task group ends (every replay confirmed and acked) before `_walking`
@@ -469,9 +564,14 @@ class DeadLetters:
                         letter, message = item
                         if not selection.matches(letter) or _reached(walk.tally, limit):
                             continue
-                        if letter.code == FORBIDDEN and FORBIDDEN not in selection.codes:
-                            walk.tally.withheld += 1
-                            continue
+                        if FORBIDDEN not in selection.codes:
+                            refusal = await self._refusal(letter, message)
+                            if refusal is not None:
+                                walk.tally.withheld += 1
+                                walk.tally.refused.append(
+                                    f"#{letter.index} {letter.routing_key}: {refusal}"
+                                )
+                                continue
                         walk.take()
                         await window.acquire()
                         replays.create_task(self._replay_one(letter, message, window))
@@ -492,6 +592,11 @@ class DeadLetters:
                     await message.ack()
             return walk.tally
 
+    async def _refusal(self, letter: DeadLetter, message: AbstractIncomingMessage) -> str | None:
+        if letter.code == FORBIDDEN:
+            return "refused as forbidden when it was published"
+        return await self._authority.refusal(letter, message)
+
     async def _replay_one(
         self, letter: DeadLetter, message: AbstractIncomingMessage, window: asyncio.Semaphore
     ) -> None:
@@ -503,7 +608,7 @@ class DeadLetters:
                 try:
                     exchange = await self._exchange(letter.exchange)
                     await exchange.publish(
-                        replayable(message, self.user),
+                        replayable(message, letter, self.user),
                         routing_key=letter.routing_key,
                         mandatory=True,
                         timeout=PUBLISH_TIMEOUT,
@@ -551,16 +656,17 @@ class DeadLetters:
         return self._exchanges[name]
 
 
-def replayable(message: AbstractIncomingMessage, user: str) -> aio_pika.Message:
+def replayable(message: AbstractIncomingMessage, letter: DeadLetter, user: str) -> aio_pika.Message:
     """The dead letter as its publisher sent it: the same body and properties, without the
     dead-lettering headers, persistent.
 
     RabbitMQ accepts no ``user_id`` but the publishing connection's own, so a message that
-    carried one is replayed with ``user`` (the operator's, who now vouches for it: replay as
-    a trusted user or as the plugin's); one that carried none is replayed without. The
+    carried one (``letter.user_id``, never a publisher's header) is replayed with ``user``
+    (the operator's, who now vouches for it, once ``Authority`` found that the original
+    publisher could act for its plugin); one that carried none is replayed without. The
     ``expiration`` is not replayed: it was measured from the original publish."""
     headers = without_bookkeeping(dict(message.headers or {}))
-    had_user = bool((message.headers or {}).get("x-original-user-id") or message.user_id)
+    had_user = letter.user_id is not None
     return aio_pika.Message(
         message.body,
         headers=headers,

@@ -19,10 +19,13 @@ judged against the state the earlier ones left:
 - a write older than the tombstone retention by the database's clock is ``stale`` (judged
   here, at apply time, so that a batch retried through a long outage cannot bring back an
   entry whose tombstone the retention removed meanwhile);
-- a conditional write (protocol §7) that was applied before (its id is recorded in
-  ``plugin_state_conditional_writes``) is a redelivery: ``applied`` again while it is still
-  an entry's version, ``superseded`` once newer writes overtook it. Otherwise its
-  conditions, all judged against the state before it, decide: ``if_absent`` holds when the
+- a conditional write (protocol §7) is judged once: how (applied, or a conflict) is
+  recorded in ``plugin_state_conditional_writes`` in the same transaction, and a redelivery
+  is answered from that record, never judged again: a conflict stays the same ``Conflict``
+  (judged again, an ``if_absent`` claim that lost could win once the holder's value is
+  gone: two winners), an applied write is ``applied`` while it is still an entry's version
+  and ``superseded`` once newer writes overtook it. A first delivery's conditions, all
+  judged against the state before it, decide: ``if_absent`` holds when the
   entry has no value (never written, deleted, or expired by the database's clock),
   ``if_version`` when it has a value written by exactly that write; one failing condition,
   or a write too old to win any of its entries, makes the whole write a ``Conflict`` that
@@ -38,11 +41,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from schemas.errors import Stale, StateError, UnknownPlugin
-from worker.model import Conflict, EntryKey, EntryState, EntryWrite, Outcome, Usage, Write
+from worker.model import (
+    Conflict,
+    EntryKey,
+    EntryState,
+    EntryWrite,
+    Judged,
+    Outcome,
+    Usage,
+    Write,
+)
 from worker.quota import Quota
 
 Result = Outcome | Conflict | StateError
@@ -57,8 +68,8 @@ class Decision:
     """The entry writes that won, one per entry, in key order."""
     usage: dict[uuid.UUID, Usage] = field(default_factory=dict)
     """Each plugin's change of usage."""
-    conditional: list[Write] = field(default_factory=list)
-    """The conditional writes applied now, to record."""
+    conditional: list[tuple[Write, Judged]] = field(default_factory=list)
+    """The conditional writes judged now (applied or a conflict), to record."""
 
 
 def state_after(write: EntryWrite) -> EntryState:
@@ -84,12 +95,14 @@ def _conditional(
     write: Write,
     current: Mapping[EntryKey, EntryState | None],
     now_ms: int,
-    applied_before: bool,
+    judged_before: Judged | None,
 ) -> Result | None:
     """The outcome of a conditional write decided before it changes anything, or None when
     its conditions hold and it is applied as any write."""
     before = [current.get(e.entry) for e in write.entries]
-    if applied_before:
+    if isinstance(judged_before, Conflict):
+        return judged_before
+    if judged_before == "applied":
         still = any(s is not None and s.version == write.id for s in before)
         return "applied" if still else "superseded"
     for index, (entry_write, state) in enumerate(zip(write.entries, before, strict=True)):
@@ -109,16 +122,16 @@ def decide(
     quota: Quota,
     now_ms: int,
     retention_ms: int,
-    applied_before: AbstractSet[uuid.UUID] = frozenset(),
+    judged_before: Mapping[uuid.UUID, Judged] | None = None,
 ) -> Decision:
     """Decide every write of one transaction (see the module's docstring).
-    ``applied_before``: the ids of its conditional writes that were applied earlier."""
+    ``judged_before``: how those of its conditional writes that were judged earlier were."""
     current: dict[EntryKey, EntryState | None] = dict(states)
     final: dict[EntryKey, tuple[EntryWrite, int]] = {}
     used = dict(usage)
     results: list[Result] = []
-    applied = set(applied_before)
-    recorded: list[Write] = []
+    judged: dict[uuid.UUID, Judged] = dict(judged_before or {})
+    recorded: list[tuple[Write, Judged]] = []
     for index, write in enumerate(writes):
         results.append("superseded")
         if write.plugin_id not in usage:
@@ -131,7 +144,10 @@ def decide(
             )
             continue
         if write.conditional:
-            decided = _conditional(write, current, now_ms, write.id in applied)
+            decided = _conditional(write, current, now_ms, judged.get(write.id))
+            if isinstance(decided, Conflict) and write.id not in judged:
+                judged[write.id] = decided
+                recorded.append((write, decided))
             if decided is not None:
                 results[index] = decided
                 continue
@@ -155,8 +171,8 @@ def decide(
             final[key] = (entry_write, index)
         if write.conditional:
             results[index] = "applied"
-            applied.add(write.id)
-            recorded.append(write)
+            judged[write.id] = "applied"
+            recorded.append((write, "applied"))
     for _, origin in final.values():
         if results[origin] == "superseded":
             results[origin] = "applied"

@@ -19,6 +19,11 @@ class Conflict:
     failed_op: int | None = None
 
 
+Judged = Literal["applied"] | Conflict
+"""How a conditional write was judged the first time it was decided, recorded so that a
+redelivery is answered alike, never judged again (protocol §7)."""
+
+
 class EntryKey(NamedTuple):
     """The identity of one state entry (protocol §1)."""
 

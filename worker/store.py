@@ -19,7 +19,7 @@ from typing import Any, Final
 import asyncpg
 
 from worker.cursor import ListPosition
-from worker.model import EntryKey, EntryState, EntryWrite, Usage, Write
+from worker.model import Conflict, EntryKey, EntryState, EntryWrite, Judged, Usage, Write
 
 APPLICATION_NAME: Final = "plugin-state-worker"
 
@@ -268,21 +268,27 @@ class WriteTransaction:
         """Each plugin's rows up to the one at its position were published: remove them."""
         await self.conn.execute(QUERIES["feed_published"], list(through), list(through.values()))
 
-    async def applied_conditional_writes(self, writes: Sequence[Write]) -> set[uuid.UUID]:
-        """Which of these conditional writes were applied before (redeliveries)."""
+    async def recorded_conditional_writes(self, writes: Sequence[Write]) -> dict[uuid.UUID, Judged]:
+        """How each of these conditional writes was judged before, for those that were
+        (redeliveries)."""
         rows = await self.conn.fetch(
-            QUERIES["applied_conditional_writes"],
+            QUERIES["recorded_conditional_writes"],
             [w.id for w in writes],
             [w.plugin_id for w in writes],
         )
-        return {row["id"] for row in rows}
+        return {
+            row["id"]: Conflict(row["failed_op"]) if row["conflict"] else "applied" for row in rows
+        }
 
-    async def record_conditional_writes(self, writes: Sequence[Write]) -> None:
-        if writes:
+    async def record_conditional_writes(self, judged: Sequence[tuple[Write, Judged]]) -> None:
+        """Record how these conditional writes were judged, in this transaction."""
+        if judged:
             await self.conn.execute(
                 QUERIES["record_conditional_writes"],
-                [w.id for w in writes],
-                [w.plugin_id for w in writes],
+                [w.id for w, _ in judged],
+                [w.plugin_id for w, _ in judged],
+                [isinstance(j, Conflict) for _, j in judged],
+                [j.failed_op if isinstance(j, Conflict) else None for _, j in judged],
             )
 
     async def write_entries(

@@ -60,21 +60,24 @@ LEFT JOIN LATERAL (
       AND s.namespace = w.namespace AND s.state_key = w.state_key
 ) legacy ON true;
 
--- name: applied_conditional_writes
--- Which of these conditional writes ($1 ids, $2 their plugins) were applied before.
-SELECT c.id FROM plugin_state_conditional_writes c
+-- name: recorded_conditional_writes
+-- Which of these conditional writes ($1 ids, $2 their plugins) were judged before, and how:
+-- applied, or a conflict (and the batch's failing op).
+SELECT c.id, c.conflict, c.failed_op FROM plugin_state_conditional_writes c
 JOIN unnest($1::uuid[], $2::uuid[]) AS w (id, plugin_id)
     ON c.id = w.id AND c.plugin_id = w.plugin_id;
 
 -- name: record_conditional_writes
--- The conditional writes this transaction applied ($1 ids, $2 their plugins).
-INSERT INTO plugin_state_conditional_writes (id, plugin_id)
-SELECT * FROM unnest($1::uuid[], $2::uuid[])
+-- The conditional writes this transaction judged ($1 ids, $2 their plugins, $3 whether each
+-- was a conflict, $4 its failing op).
+INSERT INTO plugin_state_conditional_writes (id, plugin_id, conflict, failed_op)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::int[])
 ON CONFLICT DO NOTHING;
 
 -- name: purge_conditional_writes
--- Conditional writes older than the cut-off ($1 seconds, by the database's clock): a
--- redelivery that old is refused as stale before it could be mistaken for a fresh write.
+-- Conditional writes (applied or conflicted) older than the cut-off ($1 seconds, by the
+-- database's clock): a redelivery that old is refused as stale before it could be mistaken
+-- for a fresh write.
 DELETE FROM plugin_state_conditional_writes
 WHERE id < (lpad(to_hex((extract(epoch FROM statement_timestamp()
                                      - make_interval(secs => $1::double precision))

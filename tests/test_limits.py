@@ -185,6 +185,29 @@ async def test_a_write_transaction_is_bounded_in_ops_not_in_messages(
     assert transactions >= 10 and within == transactions
 
 
+async def test_a_write_transaction_is_bounded_in_bytes_of_values(
+    start_worker: StartWorker,
+    settings: Settings,
+    db: asyncpg.Pool,
+    amqp: aio_pika.abc.AbstractChannel,
+    plugin_id: uuid.UUID,
+) -> None:
+    value = "v" * 300_000
+    writes = [set_cmd(plugin_id, f"big{n}", value) for n in range(12)]
+    await declare(amqp, settings)
+    for write in writes:  # all queued before the worker starts: one delivery batch
+        await helpers.publish(amqp, settings.prefix, plugin_id, write)
+    worker = await start_worker(transaction_max_bytes=1_000_000)
+
+    async def all_applied() -> bool:
+        count = await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id=$1", plugin_id)
+        return bool(count == len(writes))
+
+    await wait_until(all_applied, timeout=60, what="12 values of 300 kB applied")
+    # 1 MB holds three of them: twelve writes take at least four transactions.
+    assert worker.metrics.value("plugin_state_transaction_ops_count") >= 4
+
+
 @contextlib.asynccontextmanager
 async def plugin_locked(database_url: str, plugin_id: uuid.UUID) -> AsyncIterator[None]:
     """Hold the plugin's counters row, as a stuck writer would: its writes wait."""

@@ -18,7 +18,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from worker.migrate import MigrationError, check_server_version, migrate
+from worker import migrate as migrations_module
+from worker.migrate import MigrationError, check_server_version, load_migrations, migrate
 
 from .conftest import database_url_for, drop_database, unique
 from .services import ServiceUrls
@@ -147,6 +148,37 @@ async def test_three_migrate_processes_at_once_all_succeed_and_apply_each_file_o
 
 
 # --------------------------------------------------------------------------- refusing
+
+
+REWRITE_FREE_SINCE = 5
+"""From this migration on (conditions and expiry, the change log, ...), none may rewrite a
+table that holds entries: on a large deployment a rewrite holds an exclusive lock for as long
+as it takes to copy the table."""
+ENTRY_TABLES = ("plugin_state", "plugin_state_versions", "plugin_counters")
+
+
+async def test_no_migration_since_conditions_rewrites_a_table_of_entries(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    every = load_migrations()
+    before: dict[str, int] = {}
+    for upto in range(REWRITE_FREE_SINCE - 1, len(every) + 1):
+        monkeypatch.setattr(migrations_module, "load_migrations", lambda n=upto: every[:n])
+        conn = None
+        try:
+            await migrate(fresh_url)
+            conn = await asyncpg.connect(fresh_url)
+            files = {
+                table: await conn.fetchval("SELECT pg_relation_filenode($1::regclass)", table)
+                for table in ENTRY_TABLES
+                if await conn.fetchval("SELECT to_regclass($1)", table) is not None
+            }
+        finally:
+            if conn is not None:
+                await conn.close()
+        rewritten = {t for t, f in files.items() if before.get(t, f) != f}
+        assert not rewritten, f"{every[upto - 1].file_name} rewrote {sorted(rewritten)}"
+        before = files
 
 
 async def test_migrate_refuses_a_migration_edited_after_it_was_applied(

@@ -173,6 +173,33 @@ async def test_a_write_transaction_reads_its_entries_by_index(
     assert_indexed(plan)
 
 
+async def test_the_sweeper_finds_expired_entries_through_the_expiry_index(
+    big: tuple[asyncpg.Connection, uuid.UUID],
+) -> None:
+    conn, plugin = big
+    # One entry in a hundred expiring, some of them expired: the sweeper's statements must
+    # go straight to those through the partial expiry index, whatever the table's size.
+    # In a transaction rolled back, so the other tests' data and statistics stay as they are.
+    trial = conn.transaction()
+    await trial.start()
+    try:
+        await conn.execute(
+            """
+            UPDATE plugin_state SET expires_at = now() + (random() - 0.5) * interval '1 hour'
+            WHERE plugin_id = $1 AND state_key = 'key-7'
+            """,
+            plugin,
+        )
+        await conn.execute("ANALYZE plugin_state")
+        candidates = await plan_of(conn, QUERIES["expired_plugins"], 1000)
+        sweep = await plan_of(conn, QUERIES["sweep_expired"], 1000, [plugin], True)
+    finally:
+        await trial.rollback()
+    for plan in (candidates, sweep):
+        assert_indexed(plan)
+        assert "plugin_state_expiry_idx" in {n.get("Index Name") for n in plan}
+
+
 async def test_retention_finds_old_tombstones_through_their_index(
     big: tuple[asyncpg.Connection, uuid.UUID],
 ) -> None:

@@ -187,7 +187,14 @@ async def test_conditional_writes_from_the_command_line_exit_3_on_a_conflict(
         "01900000-0000-7000-8000-000000000000",
     )
     assert wrong.exit_code == 3, wrong.output
-    deleted = await invoke("delete", "--scope", "run:R-1", "owner", "--if-version", claim["id"])
+    renewed = await invoke(
+        "set", "--scope", "run:R-1", "owner", '"me, again"', "--if-version", claim["id"]
+    )
+    assert renewed.exit_code == 0, renewed.output
+    [renewal] = output(renewed)
+    lost = await invoke("set", "--scope", "run:R-1", "owner", '"late"', "--if-version", claim["id"])
+    assert lost.exit_code == 3, lost.output  # the claim's version is no longer the entry's
+    deleted = await invoke("delete", "--scope", "run:R-1", "owner", "--if-version", renewal["id"])
     assert deleted.exit_code == 0, deleted.output
 
 

@@ -102,7 +102,9 @@ class Worker:
         # (the write path acks with `multiple`); replies and dead letters on their own.
         # Each subscription sets its channel's prefetch (worker.broker.Subscription).
         commands_channel = await self.connection.channel()
-        await declare(commands_channel, settings)
+        topology = await declare(commands_channel, settings)
+        # One more channel per further commands queue (partitions, worker.topology).
+        partition_channels = [await self.connection.channel() for _ in topology.command_queues[1:]]
         rpc_channel = await self.connection.channel()
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
@@ -111,6 +113,7 @@ class Worker:
         # Closed in this order at stop: consumers first, publishers last.
         self.channels = [
             commands_channel,
+            *partition_channels,
             rpc_channel,
             notices_channel,
             relay_channel,
@@ -139,6 +142,9 @@ class Worker:
             metrics=self.metrics,
             clock=self.clock,
             on_commit=lambda changed: self._committed(key.plugin_id for key in changed),
+            queues=list(
+                zip([commands_channel, *partition_channels], topology.command_queues, strict=True)
+            ),
         )
         self.rpc = RpcServer(
             settings=settings,

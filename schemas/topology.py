@@ -31,7 +31,7 @@ CONSISTENT_HASH_EXCHANGE_TYPE: Final = "x-consistent-hash"
 commands over the partitions."""
 HASH_PROPERTY: Final = "message_id"
 """What the partitions are chosen by: the AMQP ``message_id``, which a publisher sets to the
-write's id (any value, or none, is routed; see ``Names.commands_unhashed``)."""
+write's id (any value is routed, and none: see ``Names.commands_unhashed``)."""
 CREATION_ONLY_ARGUMENTS: Final = frozenset(
     {"x-quorum-initial-group-size", "x-queue-leader-locator"}
 )
@@ -73,8 +73,9 @@ class Names:
     @property
     def commands_unhashed(self) -> str:
         """The fanout exchange, alternate exchange of ``commands_hash``, that takes what
-        the hash exchange does not route (a command without ``message_id``) to partition
-        0: nothing is dropped."""
+        the hash exchange does not route to partition 0 (while no partition is bound to
+        it), so that nothing is dropped. (A command without ``message_id`` is hashed as
+        one value by the plugin: all such go to one partition.)"""
         return f"{self.prefix}.commands.unhashed"
 
     @property

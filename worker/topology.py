@@ -10,8 +10,10 @@ which an existing queue is used as it is.
 ``<prefix>.commands``, bound to the exchange by ``cmd.*``. With N > 1 they go, through an
 exchange-to-exchange binding by ``cmd.*``, to a consistent-hash exchange that spreads them by
 ``message_id`` over the quorum queues ``<prefix>.commands.0`` … ``.N-1`` (leaders placed on
-the least loaded nodes); its alternate exchange takes a command it cannot hash to
-partition 0. Publishers see no difference.
+the least loaded nodes); a command without ``message_id`` is hashed as one value (all such
+go to one partition), and the hash exchange's alternate exchange takes to partition 0 what
+it cannot route (while no partition is bound to it): nothing is dropped. Publishers see no
+difference.
 
 Changing N loses nothing: the new routes are bound before the old ones are unbound (a
 command meanwhile may be routed twice: a harmless duplicate), and the queues of a former N

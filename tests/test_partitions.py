@@ -403,3 +403,41 @@ async def test_writes_and_reads_go_on_while_partition_leaders_are_killed(
             await p.close()
         if not reading.done():
             reading.cancel()
+
+
+async def read_latencies(settings: Settings, plugin_id: uuid.UUID, count: int) -> list[float]:
+    """``count`` sequential gets through one worker of ``settings``, in milliseconds."""
+    worker = Worker(settings)
+    await worker.start()
+    serving = asyncio.create_task(worker.serve())
+    try:
+        async with StateClient(settings.amqp_url, plugin_id, prefix=settings.prefix) as client:
+            await client.set(Scope.instance(), "read", 1, wait=True)
+            for _ in range(20):  # warm-up
+                await client.get(Scope.instance(), "read")
+            latencies = []
+            for _ in range(count):
+                began = time.perf_counter()
+                await client.get(Scope.instance(), "read")
+                latencies.append((time.perf_counter() - began) * 1000)
+    finally:
+        worker.request_stop()
+        await serving
+    return sorted(latencies)
+
+
+async def test_read_latency_of_a_classic_and_a_quorum_rpc_queue(
+    cluster: RabbitCluster, on_cluster: Settings, plugin_id: uuid.UUID
+) -> None:
+    """The cost of reads that survive a node: the same worker and client (on node 1) reading
+    through the classic rpc queue, then, after switching the same prefix over, through the
+    quorum one (replicated on 3 nodes)."""
+    count = max(200, MESSAGES)
+    classic = await read_latencies(
+        on_cluster.with_changes(rpc_queue_type="classic"), plugin_id, count
+    )
+    quorum = await read_latencies(on_cluster, plugin_id, count)
+    for name, figures in (("classic", classic), ("quorum", quorum)):
+        p50, p99 = figures[len(figures) // 2], figures[int(len(figures) * 0.99) - 1]
+        print(f"{name} rpc queue: {count} gets, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    assert quorum[len(quorum) // 2] < 50, "a quorum rpc queue answers within milliseconds"

@@ -21,7 +21,7 @@ import pytest
 from worker.app import Worker
 from worker.config import Settings
 from worker.migrate import migrate
-from worker.topology import Names
+from worker.topology import Names, command_queues
 
 from . import helpers
 from .services import ServiceUrls, service_urls
@@ -73,17 +73,28 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @contextlib.asynccontextmanager
-async def isolated_prefix(services: ServiceUrls) -> AsyncIterator[str]:
-    """A topology prefix of its own; its exchanges and queues are deleted afterwards."""
+async def isolated_prefix(services: ServiceUrls | str) -> AsyncIterator[str]:
+    """A topology prefix of its own (on the services' broker, or the one at that URL); its
+    exchanges and queues, partitions included, are deleted afterwards."""
     name = unique("ps")
     yield name
-    names = Names(name)
-    connection = await aio_pika.connect(services.amqp_url)
+    await delete_topology(services if isinstance(services, str) else services.amqp_url, name)
+
+
+async def delete_topology(amqp_url: str, prefix: str) -> None:
+    names = Names(prefix)
+    connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        for queue in (names.commands_queue, names.rpc_queue, names.dead):
+        partitions = await command_queues(channel, Settings(prefix=prefix))
+        for queue in {*partitions, names.rpc_queue, names.rpc_quorum_queue, names.dead}:
             await channel.queue_delete(queue)
-        for exchange in (names.exchange, names.dead):
+        for exchange in (
+            names.exchange,
+            names.dead,
+            names.commands_hash,
+            names.commands_unhashed,
+        ):
             await channel.exchange_delete(exchange)
 
 

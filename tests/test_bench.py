@@ -67,6 +67,18 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def check_partitions(partitions: dict[str, Any], output: str) -> None:
+    """1 and 3 partitions side by side; on a broker without the consistent-hash exchange
+    the partitioned run says so instead."""
+    print(f"partitions: {partitions}")
+    assert partitions["single"]["count"] > 0
+    if partitions["partitioned"] is None:
+        assert "consistent-hash" in partitions["skipped"]
+        assert "3 partitions" in output and "skipped" in output
+    else:
+        assert partitions["partitioned"]["count"] > 0
+
+
 async def bench_databases(admin_url: str) -> list[str]:
     conn = await asyncpg.connect(admin_url)
     try:
@@ -88,7 +100,18 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     result = await asyncio.to_thread(
         CliRunner().invoke,
         console(),
-        ["bench", "--small", "--workers", "2", "--json", str(report_path), "--plot", str(charts)],
+        [
+            "bench",
+            "--small",
+            "--workers",
+            "2",
+            "--partitions",
+            "3",
+            "--json",
+            str(report_path),
+            "--plot",
+            str(charts),
+        ],
         obj=settings,
     )
 
@@ -101,6 +124,7 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     assert set(report["ratios"]) == set(EVERY_RATIO)
     assert set(report["reads"]) == {"rpc_ceiling", "raw_select", "worker_get", "worker_get_many"}
     assert report["worker_writes_many"] is not None
+    check_partitions(report["partitions"], result.output)
     figures = numbers({k: v for k, v in report.items() if k != "sizes"})
     assert len(figures) > 50
     assert all(math.isfinite(value) for value in figures.values()), figures

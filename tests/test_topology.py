@@ -6,9 +6,17 @@ import asyncio
 import uuid
 
 import aio_pika
+import aiormq
+import pytest
 
 from worker.config import Settings
-from worker.topology import Names, declare
+from worker.topology import (
+    Names,
+    PartitionsUnavailable,
+    commands_queue_arguments,
+    consistent_hash_available,
+    declare,
+)
 
 from .broker import rabbitmqctl, require_rabbitmqctl
 from .helpers import publish, queue_messages, set_cmd, wait_until
@@ -74,3 +82,56 @@ async def test_a_command_redelivered_past_the_delivery_limit_is_dead_lettered_by
     [message] = await queue_messages(amqp, Names(settings.prefix).dead)
     assert "x-death" in (message.headers or {})
     assert returned <= 3
+
+
+async def test_queues_declared_before_replica_counts_are_kept_but_other_arguments_checked(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings
+) -> None:
+    """A deployment's queues made without ``x-quorum-initial-group-size`` (creation-only)
+    are used as they are; a changed argument that matters still stops the start."""
+    names = Names(settings.prefix)
+    await amqp.declare_queue(
+        names.commands_queue,
+        durable=True,
+        arguments=commands_queue_arguments(settings),  # what it was declared with before
+    )
+    await amqp.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    topology = await declare(amqp, settings)
+    print(f"declared over the old {topology.commands.name} and {names.dead}")
+    assert topology.command_queues == (names.commands_queue,)
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="x-delivery-limit"):
+            await declare(await connection.channel(), settings.with_changes(delivery_limit=7))
+    print("a changed delivery limit is still refused")
+
+
+async def test_a_quorum_rpc_queue_takes_the_reads_from_the_classic_one(
+    amqp: aio_pika.abc.AbstractChannel, settings: Settings, plugin_id: uuid.UUID
+) -> None:
+    names = Names(settings.prefix)
+    await declare(amqp, settings)
+    topology = await declare(amqp, settings.with_changes(rpc_queue_type="quorum"))
+    await publish(amqp, settings.prefix, plugin_id, b"{}", kind="rpc")
+
+    async def routed() -> bool:
+        quorum = await amqp.declare_queue(names.rpc_quorum_queue, passive=True)
+        return quorum.declaration_result.message_count == 1
+
+    await wait_until(routed, what="the read in the quorum rpc queue")
+    classic = await amqp.declare_queue(names.rpc_queue, passive=True)
+    print(f"reads go to {topology.rpc.name}; {names.rpc_queue} is unbound")
+    assert topology.rpc.name == names.rpc_quorum_queue
+    assert classic.declaration_result.message_count == 0
+
+
+async def test_partitions_on_a_broker_without_the_consistent_hash_exchange_say_so(
+    settings: Settings,
+) -> None:
+    if await consistent_hash_available(settings.amqp_url):
+        pytest.skip("this broker has the consistent-hash exchange")
+    connection = await aio_pika.connect(settings.amqp_url)
+    with pytest.raises(PartitionsUnavailable, match="consistent-hash") as refused:
+        await declare(await connection.channel(), settings.with_changes(command_partitions=3))
+    print(f"refused: {refused.value}")
+    await connection.close()

@@ -110,9 +110,11 @@ class Worker:
         # node is down) would leave it closed for good. The consumers declare their queue
         # again when the broker cancels them (worker.broker.Subscription).
         setup_channel = await self.connection.channel()
-        await declare(setup_channel, settings)
+        topology = await declare(setup_channel, settings)
         await setup_channel.close()
         commands_channel = await self.connection.channel()
+        # One more channel per further commands queue (partitions, worker.topology).
+        partition_channels = [await self.connection.channel() for _ in topology.command_queues[1:]]
         rpc_channel = await self.connection.channel()
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
@@ -121,6 +123,7 @@ class Worker:
         # Closed in this order at stop: consumers first, publishers last.
         self.channels = [
             commands_channel,
+            *partition_channels,
             rpc_channel,
             notices_channel,
             relay_channel,
@@ -149,6 +152,9 @@ class Worker:
             metrics=self.metrics,
             clock=self.clock,
             on_commit=lambda changed: self._committed(key.plugin_id for key in changed),
+            queues=list(
+                zip([commands_channel, *partition_channels], topology.command_queues, strict=True)
+            ),
         )
         self.rpc = RpcServer(
             settings=settings,

@@ -370,3 +370,80 @@ class Subscription:
                 self._holds.add("held_bytes")
                 self._changed.set()
         self.on_delivery(delivery)
+
+
+class Subscriptions:
+    """Several subscriptions, one per queue and each on a channel of its own, feeding one
+    owner as one: what the owner asks of it (hold, release, back off, …) it asks of each.
+
+    The write path consumes every commands partition through one (``worker.topology``): a
+    channel per queue keeps each consumer's prefetch and delivery tags its own, so the
+    ``multiple`` acks of ``ack_all`` (one per channel) never cover another queue's
+    deliveries, and a queue whose leader moves is re-subscribed without touching the others.
+    """
+
+    def __init__(self, members: Iterable[Subscription]) -> None:
+        self.members = tuple(members)
+        self._owners: dict[int, Subscription] = {}
+        for member in self.members:
+            member.on_delivery = self._delivered_by(member, member.on_delivery)
+
+    def _delivered_by(
+        self, member: Subscription, on_delivery: Callable[[Delivery], None]
+    ) -> Callable[[Delivery], None]:
+        def deliver(delivery: Delivery) -> None:
+            self._owners[id(delivery.raw.channel)] = member
+            on_delivery(delivery)
+
+        return deliver
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return tuple(member.queue for member in self.members)
+
+    @property
+    def consuming(self) -> bool:
+        return all(member.consuming for member in self.members)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(member.held_bytes for member in self.members)
+
+    def current_prefetch(self) -> int:
+        """What the members hold at most together."""
+        return sum(member.current_prefetch() for member in self.members)
+
+    async def start(self) -> None:
+        for member in self.members:
+            await member.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(member.stop() for member in self.members))
+
+    async def hold(self, reason: str) -> None:
+        await asyncio.gather(*(member.hold(reason) for member in self.members))
+
+    async def release(self, reason: str) -> None:
+        await asyncio.gather(*(member.release(reason) for member in self.members))
+
+    def back_off(self) -> None:
+        for member in self.members:
+            member.back_off()
+
+    def went_well(self) -> None:
+        for member in self.members:
+            member.went_well()
+
+    def settled(self, deliveries: Iterable[Delivery]) -> None:
+        by_member: dict[int, list[Delivery]] = {}
+        for delivery in deliveries:
+            owner = self._owners.get(id(delivery.raw.channel))
+            if owner is not None:
+                by_member.setdefault(id(owner), []).append(delivery)
+        for member in self.members:
+            member.settled(by_member.get(id(member), ()))
+
+    async def keep(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for member in self.members:
+                group.create_task(member.keep(), name=f"subscription {member.queue}")

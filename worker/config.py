@@ -15,9 +15,16 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from schemas import brokers
-from schemas.topology import DEFAULT_AMQP_URL, DEFAULT_PREFIX
+from schemas.topology import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_PREFIX,
+    QUORUM_GROUP_SIZE,
+    RPC_QUEUE_TYPE,
+    RPC_QUEUE_TYPES,
+)
 
 ENV_PREFIX: Final = "PLUGIN_STATE_"
+MAX_COMMAND_PARTITIONS: Final = 64
 
 
 class ConfigError(ValueError):
@@ -108,6 +115,18 @@ class Settings:
     """Deliveries of one command before RabbitMQ dead-letters it (crash-loop guard)."""
     commands_max_length: int = 1_000_000
     """Length limit of the commands queue; past it publishers' confirms are nacked."""
+    command_partitions: int = 1
+    """Commands queues behind the exchange: 1 is the single `<prefix>.commands`; N spreads
+    writes over the quorum queues `<prefix>.commands.0` … `.N-1` by a hash of their
+    `message_id` (needs the `rabbitmq_consistent_hash_exchange` plugin). The same in every
+    worker; workers also drain the partitions of a former, larger N."""
+    quorum_group_size: int = QUORUM_GROUP_SIZE
+    """Replicas of each quorum queue (commands, partitions, dead letters, a quorum rpc
+    queue) when it is created: 3 suits a three-node cluster; on fewer nodes, one per node."""
+    rpc_queue_type: str = RPC_QUEUE_TYPE
+    """`classic`: the read path's queue `<prefix>.rpc` lives on one node; `quorum`:
+    `<prefix>.rpc.quorum`, replicated, answers reads through the loss of a node at some
+    latency (docs/cluster.md)."""
     db_pool_size: int = 6
     """Postgres connections per worker."""
     db_command_timeout_seconds: float = 30.0
@@ -190,6 +209,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env_name(name)} must be positive")
+        if not 1 <= self.command_partitions <= MAX_COMMAND_PARTITIONS:
+            raise ConfigError(
+                f"{_env_name('command_partitions')} must be from 1 to {MAX_COMMAND_PARTITIONS}"
+            )
+        if self.quorum_group_size < 1:
+            raise ConfigError(f"{_env_name('quorum_group_size')} must be positive")
+        if self.rpc_queue_type not in RPC_QUEUE_TYPES:
+            raise ConfigError(f"{_env_name('rpc_queue_type')} must be classic or quorum")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"{_env_name('http_port')} must be a port number")
         if self.auth_mode not in ("strict", "permissive"):

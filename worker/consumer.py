@@ -33,7 +33,14 @@ from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
 from worker import topology
 from worker.applier import Applier, TimedOut, transactions
-from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
+from worker.broker import (
+    BROKER_FAILURES,
+    Delivery,
+    Subscription,
+    Subscriptions,
+    ack_all,
+    nack_all,
+)
 from worker.config import Settings
 from worker.decisions import Result
 from worker.intake import ReceivedWrite, WriteIntake
@@ -76,19 +83,15 @@ class CommandConsumer:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[Sequence[EntryKey]], None] = lambda _changed: None,
+        queues: Sequence[tuple[AbstractRobustChannel, str]] = (),
     ) -> None:
+        """``queues``: every commands queue with a channel of its own (the partitions,
+        ``worker.topology``); by default, the single commands queue on ``channel``."""
         self.settings = settings
-        self.subscription = Subscription(
-            channel,
-            Names(settings.prefix).commands_queue,
-            self._on_delivery,
-            declare=lambda channel: topology.declare_again(
-                channel, settings, Names(settings.prefix).commands_queue
-            ),
-            prefetch=settings.effective_prefetch,
-            max_held_bytes=settings.held_max_bytes,
-            retry_initial=settings.retry_initial_seconds,
-            retry_max=settings.retry_max_seconds,
+        queues = queues or [(channel, Names(settings.prefix).commands_queue)]
+        subscriptions = [self._subscription(channel, queue) for channel, queue in queues]
+        self.subscription: Subscription | Subscriptions = (
+            subscriptions[0] if len(subscriptions) == 1 else Subscriptions(subscriptions)
         )
         self.intake = intake
         self.plugins = plugins
@@ -107,6 +110,19 @@ class CommandConsumer:
         self.paused = False
         self.received = 0
         self.acked = 0
+
+    def _subscription(self, channel: AbstractRobustChannel, queue: str) -> Subscription:
+        settings = self.settings
+        return Subscription(
+            channel,
+            queue,
+            self._on_delivery,
+            declare=lambda raw: topology.declare_again(raw, settings, queue),
+            prefetch=settings.effective_prefetch,
+            max_held_bytes=settings.held_max_bytes,
+            retry_initial=settings.retry_initial_seconds,
+            retry_max=settings.retry_max_seconds,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -58,7 +58,7 @@ from worker.model import EntryKey
 from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES, Found, LogPage, Store
-from worker.topology import Names
+from worker.topology import rpc_queue_name
 from worker.wakeups import Wakeups
 
 log = structlog.get_logger(__name__)
@@ -94,10 +94,10 @@ class RpcServer:
         self.intake = intake
         self.subscription = Subscription(
             channel,
-            Names(settings.prefix).rpc_queue,
+            rpc_queue_name(settings),
             self._on_delivery,
             declare=lambda channel: topology.declare_again(
-                channel, settings, Names(settings.prefix).rpc_queue
+                channel, settings, rpc_queue_name(settings)
             ),
             prefetch=settings.rpc_prefetch,
             max_held_bytes=settings.held_max_bytes,

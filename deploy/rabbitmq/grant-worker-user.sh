@@ -11,7 +11,7 @@ user=${1:?usage: grant-worker-user.sh USER [PREFIX] [VHOST]}
 prefix=${2:-plugin_state}
 vhost=${3:-/}
 p="${prefix//./\\.}"
-objects="^${p}(\\.(commands(\\.[0-9]+)?|rpc|dead|changes|commits|partitions))?\$|^amq\\.gen-.*"
+objects="^${p}(\\.(commands(\\.([0-9]+|hash|unhashed))?|rpc(\\.quorum)?|dead|changes|commits))?\$|^amq\\.gen-.*"
 
 rabbitmqctl -q set_permissions -p "$vhost" "$user" \
     "$objects" "${objects}|^amq\\.default\$" "$objects"

@@ -16,7 +16,7 @@ import click
 from worker.bench.harness import BenchError, new_progress
 from worker.bench.report import BenchReport
 from worker.bench.run import SMALL, Sizes, run_bench, sizes_with
-from worker.config import Settings
+from worker.config import MAX_COMMAND_PARTITIONS, Settings
 from worker.loop import run_async
 
 
@@ -37,6 +37,11 @@ from worker.loop import run_async
     "--workers",
     type=click.IntRange(min=1),
     help="Also measure write throughput with N worker processes [1: not run].",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1, max=MAX_COMMAND_PARTITIONS),
+    help="Also compare write throughput over 1 and N commands partitions [1: not run].",
 )
 @click.option("--latency-seconds", type=click.FloatRange(min=0.1), help="Latency phase [10].")
 @click.option("--read-seconds", type=click.FloatRange(min=0.1), help="Each read measurement [5].")

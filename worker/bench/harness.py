@@ -215,14 +215,23 @@ class BenchEnv:
         )
 
     async def publish_all(
-        self, routing_key: str, bodies: Iterable[bytes], bar: Any, window: int = 1000
+        self,
+        routing_key: str,
+        bodies: Iterable[bytes],
+        bar: Any,
+        window: int = 1000,
+        *,
+        message_ids: bool = False,
     ) -> None:
-        """Publish persistent with confirms, up to ``window`` unconfirmed at a time."""
+        """Publish persistent with confirms, up to ``window`` unconfirmed at a time;
+        ``message_ids``: each with a ``message_id`` of its own (a random one: it spreads
+        over partitions as a write's id does)."""
         slots = asyncio.Semaphore(window)
 
         async def one(body: bytes) -> None:
+            properties = {"message_id": uuid.uuid4().hex} if message_ids else {}
             try:
-                await self.exchange.publish(self.message(body), routing_key)
+                await self.exchange.publish(self.message(body, **properties), routing_key)
             finally:
                 slots.release()
             bar.update(1)

@@ -271,6 +271,27 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionFigures:
+    """Write throughput of the same workers over 1 and over N commands partitions."""
+
+    partitions: int
+    processes: int
+    single: Rate
+    partitioned: Rate | None
+    skipped: str | None = None
+    """Why the partitioned run did not happen."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "partitions": self.partitions,
+            "processes": self.processes,
+            "single": self.single.as_json(),
+            "partitioned": None if self.partitioned is None else self.partitioned.as_json(),
+            "skipped": self.skipped,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Throughput:
     """One write throughput of the run, as the throughput chart shows it."""
 
@@ -314,6 +335,8 @@ class BenchReport:
     memory: MemoryFigures
     variants: dict[str, Variant]
     changes: ChangeFigures
+    partitions: PartitionFigures | None = None
+    """With ``--partitions N``: 1 and N partitions side by side."""
 
     # What the charts of ``--plot`` draw: a phase shows in a chart by being listed here.
 
@@ -466,6 +489,7 @@ class BenchReport:
                 (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
             )
         rows += [(v.title, _rate(v.rate), "writes/s") for v in self.variants.values()]
+        rows += _partition_rows(self.partitions)
         rows += _latency_rows("", self.write_latency, self.worker_writes)
         rows.append(("READS", "", ""))
         for key, name in _READ_TITLES.items():
@@ -558,6 +582,7 @@ class BenchReport:
             "memory": self.memory.as_json(),
             "variants": {key: variant.as_json() for key, variant in self.variants.items()},
             "changes": self.changes.as_json(),
+            "partitions": None if self.partitions is None else self.partitions.as_json(),
             "ratios": {
                 ratio.name: {"value": ratio.value, "target": ratio.target}
                 for ratio in self.ratios()
@@ -616,3 +641,16 @@ def _rate(rate: Rate) -> str:
 
 def _micros(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f}"
+
+
+def _partition_rows(figures: PartitionFigures | None) -> list[tuple[str, str, str]]:
+    if figures is None:
+        return []
+    workers = f"worker, {figures.processes} processes"
+    rows = [(f"{workers}, 1 commands queue", _rate(figures.single), "writes/s")]
+    title = f"{workers}, {figures.partitions} partitions"
+    if figures.partitioned is None:
+        rows.append((title, f"skipped: {figures.skipped}", ""))
+    else:
+        rows.append((title, _rate(figures.partitioned), "writes/s"))
+    return rows

@@ -4,7 +4,8 @@
 2. naive baseline: one upsert, one transaction, one ack per message;
 3. the peers: a FastStream subscriber (throughput, then its publish-to-commit latency), and
    the same writes upserted straight into Postgres, no queue;
-4. (with ``workers`` > 1) the write throughput of that many fresh workers;
+4. (with ``workers`` > 1) the write throughput of that many fresh workers; (with
+   ``partitions`` > 1) the write throughput over 1 and over that many commands partitions;
 5. the write throughput of one fresh worker, which then stays up for the rest:
 6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
 7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
@@ -23,6 +24,7 @@ from worker.bench.ceiling import measure_ceiling
 from worker.bench.changes import measure_changes
 from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
+from worker.bench.partitions import measure_partitions
 from worker.bench.peers import measure_direct, measure_faststream
 from worker.bench.reads import measure_reads
 from worker.bench.report import DIRECT, FASTSTREAM, BenchReport, Rate, Variant
@@ -51,6 +53,9 @@ class Sizes:
     """Distinct entries the writes go to (and the reads read)."""
     workers: int = 1
     """Worker processes of the extra multi-worker throughput run (1: none)."""
+    partitions: int = 1
+    """Commands partitions of the run that compares 1 and N of them (1: none); its workers
+    are ``workers`` processes, at least 2."""
     latency_seconds: float = 10.0
     """How long writes are paced at each rate of the latency phase."""
     read_seconds: float = 5.0
@@ -117,6 +122,11 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             for process in run.workers:
                 await env.stop(process)
             many = run.rate
+        partitions = None
+        if sizes.partitions > 1:
+            partitions = await measure_partitions(
+                env, sizes.partitions, sizes.workers, sizes.writes, entries, bar
+            )
 
         variants = {
             "conditional": Variant(
@@ -208,6 +218,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         memory=memory,
         variants=variants,
         changes=changes,
+        partitions=partitions,
     )
 
 

@@ -23,7 +23,7 @@ import bisect
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,15 +65,25 @@ async def measure_throughput(
     stream: WriteStream,
     processes: int,
     bar: Callable[..., Any],
+    *,
+    queues: Sequence[str] = (),
     **settings: str,
 ) -> ThroughputRun:
     """Writes per second of ``processes`` fresh workers over the pre-filled ``stream``
-    (``settings``: the workers' own, by lower-case name)."""
+    (``settings``: the workers' own, by lower-case name; ``queues``: the commands queues
+    the stream lands in, by default the single one; over several, each write is published
+    with a ``message_id``, which the partitions are chosen by)."""
     names = env.names
+    queues = queues or (names.commands_queue,)
     total = len(stream.bodies)
     label = f"writes x{processes}"
     with bar(f"{label}: publish", total=total) as progress:
-        await env.publish_all(names.command_key(stream.plugin_id), stream.bodies, progress)
+        await env.publish_all(
+            names.command_key(stream.plugin_id),
+            stream.bodies,
+            progress,
+            message_ids=len(queues) > 1,
+        )
     workers = [
         await env.spawn_worker(f"worker-x{processes}-{n}", **settings) for n in range(processes)
     ]
@@ -87,7 +97,7 @@ async def measure_throughput(
     with bar(f"{label}: apply", total=total) as progress:
 
         async def ready_below(limit: int) -> bool:
-            ready, _ = await env.queue_counts(names.commands_queue)
+            ready = sum([(await env.queue_counts(queue))[0] for queue in queues])
             progress.update(total - ready - progress.n)
             return ready < limit
 

@@ -49,7 +49,8 @@ from schemas.messages import (
     ValuesReply,
 )
 from worker import changes, reads
-from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
+from worker.acks import AckLedger
+from worker.broker import BROKER_FAILURES, Delivery, Subscription, nack_all
 from worker.config import Settings
 from worker.cursor import decode_cursor, encode_cursor
 from worker.intake import ReadCall, ReadIntake
@@ -110,11 +111,9 @@ class RpcServer:
         self.max_reply = settings.max_reply_bytes
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._waiting: dict[uuid.UUID, list[ReadCall]] = {}
-        # Calls sent to wait (or being re-checked) and not answered yet: while there are
-        # any, acks go one by one, since a `multiple` ack would cover them too.
-        self._held: set[ReadCall] = set()
-        self._to_ack: list[Delivery] = []
-        self._to_nack: list[Delivery] = []
+        # Shared by the loop serving new requests and the loop re-checking waiting ones:
+        # a `multiple` ack must cover neither's requests still being answered.
+        self.acks = AckLedger()
         self._draining = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -133,7 +132,6 @@ class RpcServer:
             keeping.cancel()
         await nack_all(call.message for calls in self._waiting.values() for call in calls)
         self._waiting.clear()
-        self._held.clear()
         self.metrics.rpc_waiting.set(0)
 
     async def drain(self) -> None:
@@ -148,6 +146,7 @@ class RpcServer:
         return self.subscription.consuming
 
     def _on_delivery(self, delivery: Delivery) -> None:
+        self.acks.received(delivery)
         self._inbox.put_nowait(delivery)
 
     # ------------------------------------------------------------------ serving
@@ -176,7 +175,7 @@ class RpcServer:
             expiration = message.expiration
             if expiration is not None and time.monotonic() > message.received + expiration:
                 self.metrics.rpc_expired.inc()
-                self._to_ack.append(message)
+                self.acks.answered(message)
             else:
                 calls.append(self.intake.receive(message, now_ms))
             if position % _SLICE == _SLICE - 1:
@@ -269,7 +268,6 @@ class RpcServer:
             await self._give_up(call, f"{alike} {kind} of this plugin already wait (at most {cap})")
         else:
             waiting.append(call)
-            self._held.add(call)
             if not call.parked:
                 call.parked = True
                 self.subscription.park()
@@ -441,9 +439,9 @@ class RpcServer:
             await self.publisher.dead_letter(call.message, error)
         except BROKER_FAILURES as exc:
             log.warning("rpc_dead_letter_failed", error=repr(exc))
-            self._to_nack.append(call.message)
+            self.acks.give_back(call.message)
             return
-        self._to_ack.append(call.message)
+        self.acks.answered(call.message)
 
     async def _answer_error(self, call: ReadCall, error: StateError) -> None:
         await self._answer(call, lambda: ErrorReply(code=error.code, message=error.message))
@@ -452,23 +450,22 @@ class RpcServer:
         """Encode and send a reply; what cannot be encoded or is too large is answered with
         its error instead."""
         self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received_at)
-        self._held.discard(call)
         if call.parked:
             call.parked = False
             self.subscription.unpark()
         body = self._encode(call, build)
         reply_to = call.answer_to(None)
         if reply_to is None:  # pragma: no cover - refused calls never get here
-            self._to_ack.append(call.message)
+            self.acks.answered(call.message)
             return
         try:
             await self.publisher.reply_body(reply_to, call.message.correlation_id, body, call.codec)
         except BROKER_FAILURES as exc:
             # Given back: some worker answers it with the connection back.
             log.info("rpc_reply_failed", error=repr(exc))
-            self._to_nack.append(call.message)
+            self.acks.give_back(call.message)
             return
-        self._to_ack.append(call.message)
+        self.acks.answered(call.message)
 
     def _encode(self, call: ReadCall, build: Callable[[], Reply]) -> bytes:
         codec = call.codec
@@ -493,24 +490,13 @@ class RpcServer:
         )
 
     async def _flush_acks(self) -> None:
-        """Give back what could not be answered, then ack what was: with one `multiple` ack
-        per channel when no request is held waiting (the usual case), else one by one so as
-        not to cover those."""
-        failed, self._to_nack = self._to_nack, []
-        settled, self._to_ack = self._to_ack, []
-        await nack_all(failed)
+        """Give back what could not be answered, then ack what was, never covering a
+        request still unanswered (``worker.acks``)."""
+        failed, settled = await self.acks.flush()
         if failed:
             self.subscription.back_off()
         elif settled:
             self.subscription.went_well()
-        if not self._held:
-            await ack_all(settled)
-        else:
-            for message in settled:
-                try:
-                    await message.channel.basic_ack(message.delivery_tag)
-                except BROKER_FAILURES as exc:
-                    log.info("rpc_ack_lost_with_channel", error=repr(exc))
         self.subscription.settled([*failed, *settled])
 
 

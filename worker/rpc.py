@@ -53,7 +53,7 @@ from worker.acks import AckLedger
 from worker.broker import BROKER_FAILURES, Delivery, Subscription, nack_all
 from worker.config import Settings
 from worker.cursor import decode_cursor, encode_cursor
-from worker.intake import ReadCall, ReadIntake
+from worker.intake import ReadCall, ReadIntake, classified
 from worker.metrics import Metrics
 from worker.model import EntryKey
 from worker.plugins import PluginDirectory
@@ -197,16 +197,53 @@ class RpcServer:
         following: list[ReadCall] = []
         others: list[Awaitable[None]] = []
         for call in calls:
-            refused = self.intake.authorize(call, call.plugin_id, owners)
+            refused = classified(
+                lambda call=call: self.intake.authorize(  # type: ignore[misc]
+                    call, call.plugin_id, owners
+                ),
+                "authorize",
+                call.message,
+            )
             if refused is not None:
                 await self._refuse(call, refused)
             elif isinstance(call.request, ListRequest):
-                others.append(self._serve_list(call))
+                others.append(self._guarded([call], self._serve_lists))
             elif isinstance(call.request, ChangesRequest):
                 following.append(call)
             else:
                 lookups.append(call)
-        await asyncio.gather(self._serve_lookups(lookups), self._serve_changes(following), *others)
+        await asyncio.gather(
+            self._guarded(lookups, self._serve_lookups),
+            self._guarded(following, self._serve_changes),
+            *others,
+        )
+
+    async def _guarded(
+        self, calls: list[ReadCall], serve: Callable[[list[ReadCall]], Awaitable[None]]
+    ) -> None:
+        """Serve ``calls``; a failure no rule foresaw (a bug) is the outcome of the request
+        that caused it, found by serving the unsettled ones one by one, and answered
+        ``internal``: nothing a request causes stops the read path. Database failures are
+        handled where they happen (by the serving step itself)."""
+        if not calls:
+            return
+        try:
+            await serve(calls)
+        except Exception as exc:
+            log.exception("read_handling_failed", requests=len(calls))
+            waiting = {id(c) for waiters in self._waiting.values() for c in waiters}
+            unsettled = [c for c in calls if not c.settled and id(c) not in waiting]
+            if len(calls) > 1:
+                for call in unsettled:
+                    await self._guarded([call], serve)
+                return
+            for call in unsettled:
+                failure = f"the worker could not answer this request ({type(exc).__name__})"
+                await self._refuse(call, Internal(failure))
+
+    async def _serve_lists(self, calls: list[ReadCall]) -> None:
+        for call in calls:
+            await self._serve_list(call)
 
     async def _serve_lookups(self, calls: list[ReadCall]) -> None:
         while calls:
@@ -406,7 +443,10 @@ class RpcServer:
         if following and changed is not None and not changed:
             following = await self._moved(following, now)
         if lookups or following:
-            await asyncio.gather(self._serve_lookups(lookups), self._serve_changes(following))
+            await asyncio.gather(
+                self._guarded(lookups, self._serve_lookups),
+                self._guarded(following, self._serve_changes),
+            )
         await self._flush_acks()
 
     async def _moved(self, following: list[ReadCall], now: float) -> list[ReadCall]:
@@ -435,10 +475,15 @@ class RpcServer:
             return
         self.metrics.count_reject(error.code)
         log.info("read_rejected", code=error.code, routing_key=call.message.routing_key)
+        call.settled = True
         try:
             await self.publisher.dead_letter(call.message, error)
         except BROKER_FAILURES as exc:
             log.warning("rpc_dead_letter_failed", error=repr(exc))
+            self.acks.give_back(call.message)
+            return
+        except Exception:  # unforeseen: given back, not lost, and the read path goes on
+            log.exception("rpc_dead_letter_failed")
             self.acks.give_back(call.message)
             return
         self.acks.answered(call.message)
@@ -454,6 +499,7 @@ class RpcServer:
             call.parked = False
             self.subscription.unpark()
         body = self._encode(call, build)
+        call.settled = True
         reply_to = call.answer_to(None)
         if reply_to is None:  # pragma: no cover - refused calls never get here
             self.acks.answered(call.message)
@@ -463,6 +509,10 @@ class RpcServer:
         except BROKER_FAILURES as exc:
             # Given back: some worker answers it with the connection back.
             log.info("rpc_reply_failed", error=repr(exc))
+            self.acks.give_back(call.message)
+            return
+        except Exception:  # unforeseen: given back, not lost, and the read path goes on
+            log.exception("rpc_reply_failed")
             self.acks.give_back(call.message)
             return
         self.acks.answered(call.message)
@@ -475,6 +525,10 @@ class RpcServer:
         except _UNENCODABLE as exc:
             refused = f"the value cannot be sent as {codec.name} ({exc}); read it as JSON"
             return _error_body(codec, UnsupportedValue(refused))
+        except Exception as exc:  # a reply no rule foresaw failing: this request's outcome
+            log.exception("reply_building_failed", op=call.op)
+            failure = f"the worker could not build this reply ({type(exc).__name__})"
+            return _error_body(codec, Internal(failure))
         if len(body) <= self.max_reply:
             return body
         if isinstance(reply, PageReply) and len(reply.items) > 1:

@@ -10,7 +10,9 @@ until the culprit stands alone; its transaction-mates are still applied. A trans
 times out while Postgres answers otherwise is split the same way, so that no write can hold
 a batch back for ever; a single write that keeps timing out is the caller's to judge
 (``TIMED_OUT``). Failures that are not a write's fault (Postgres down, a lost
-connection) propagate to the caller, who pauses and retries.
+connection) propagate to the caller, who pauses and retries; any other exception (a bug)
+is isolated like a data fault, its culprit answered ``internal``, so no write can stop the
+consumer.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from worker.changes import assign_positions, feed_rows
 from worker.decisions import Result, decide
 from worker.model import EntryKey, Write
 from worker.quota import Quota
-from worker.store import Store, StoreInconsistent
+from worker.store import DATABASE_FAILURES, Store, StoreInconsistent
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +140,15 @@ class Applier:
                 log.warning("write_timed_out", id=str(writes[0].id))
                 return Applied([TIMED_OUT])
             reason = "timeout"
+        except DATABASE_FAILURES:
+            raise  # not the writes' fault: the consumer pauses and retries
+        except Exception as exc:
+            # Unforeseen (a bug deciding or applying): the culprit is found like a data
+            # fault's, and only it is dead-lettered, as `internal`.
+            if len(writes) == 1:
+                log.exception("write_handling_failed", id=str(writes[0].id))
+                return Applied([Internal(f"the worker could not apply this write ({exc!r})")])
+            reason = type(exc).__name__
         middle = len(writes) // 2
         log.info("transaction_split", size=len(writes), reason=reason)
         return await self.apply_transaction(writes[:middle]) + await self.apply_transaction(

@@ -265,6 +265,8 @@ class ReadCall(_Received):
     parked: bool = False
     """Waiting (for its ``after`` write or a change), its delivery parked in the
     subscription (``worker.broker.Subscription.park``)."""
+    settled: bool = False
+    """Answered, dead-lettered or given back: nothing more is sent for it."""
 
     @property
     def op(self) -> str:

@@ -49,10 +49,11 @@ from schemas.messages import (
     ValuesReply,
 )
 from worker import changes, reads, topology
-from worker.broker import BROKER_FAILURES, Delivery, Subscription, ack_all, nack_all
+from worker.acks import AckLedger
+from worker.broker import BROKER_FAILURES, Delivery, Subscription, nack_all
 from worker.config import Settings
 from worker.cursor import decode_cursor, encode_cursor
-from worker.intake import ReadCall, ReadIntake
+from worker.intake import ReadCall, ReadIntake, classified
 from worker.metrics import Metrics
 from worker.model import EntryKey
 from worker.plugins import PluginDirectory
@@ -113,11 +114,9 @@ class RpcServer:
         self.max_reply = settings.max_reply_bytes
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._waiting: dict[uuid.UUID, list[ReadCall]] = {}
-        # Calls sent to wait (or being re-checked) and not answered yet: while there are
-        # any, acks go one by one, since a `multiple` ack would cover them too.
-        self._held: set[ReadCall] = set()
-        self._to_ack: list[Delivery] = []
-        self._to_nack: list[Delivery] = []
+        # Shared by the loop serving new requests and the loop re-checking waiting ones:
+        # a `multiple` ack must cover neither's requests still being answered.
+        self.acks = AckLedger()
         self._draining = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -136,7 +135,6 @@ class RpcServer:
             keeping.cancel()
         await nack_all(call.message for calls in self._waiting.values() for call in calls)
         self._waiting.clear()
-        self._held.clear()
         self.metrics.rpc_waiting.set(0)
 
     async def drain(self) -> None:
@@ -151,6 +149,7 @@ class RpcServer:
         return self.subscription.consuming
 
     def _on_delivery(self, delivery: Delivery) -> None:
+        self.acks.received(delivery)
         self._inbox.put_nowait(delivery)
 
     # ------------------------------------------------------------------ serving
@@ -179,7 +178,7 @@ class RpcServer:
             expiration = message.expiration
             if expiration is not None and time.monotonic() > message.received + expiration:
                 self.metrics.rpc_expired.inc()
-                self._to_ack.append(message)
+                self.acks.answered(message)
             else:
                 calls.append(self.intake.receive(message, now_ms))
             if position % _SLICE == _SLICE - 1:
@@ -201,16 +200,53 @@ class RpcServer:
         following: list[ReadCall] = []
         others: list[Awaitable[None]] = []
         for call in calls:
-            refused = self.intake.authorize(call, call.plugin_id, owners)
+            refused = classified(
+                lambda call=call: self.intake.authorize(  # type: ignore[misc]
+                    call, call.plugin_id, owners
+                ),
+                "authorize",
+                call.message,
+            )
             if refused is not None:
                 await self._refuse(call, refused)
             elif isinstance(call.request, ListRequest):
-                others.append(self._serve_list(call))
+                others.append(self._guarded([call], self._serve_lists))
             elif isinstance(call.request, ChangesRequest):
                 following.append(call)
             else:
                 lookups.append(call)
-        await asyncio.gather(self._serve_lookups(lookups), self._serve_changes(following), *others)
+        await asyncio.gather(
+            self._guarded(lookups, self._serve_lookups),
+            self._guarded(following, self._serve_changes),
+            *others,
+        )
+
+    async def _guarded(
+        self, calls: list[ReadCall], serve: Callable[[list[ReadCall]], Awaitable[None]]
+    ) -> None:
+        """Serve ``calls``; a failure no rule foresaw (a bug) is the outcome of the request
+        that caused it, found by serving the unsettled ones one by one, and answered
+        ``internal``: nothing a request causes stops the read path. Database failures are
+        handled where they happen (by the serving step itself)."""
+        if not calls:
+            return
+        try:
+            await serve(calls)
+        except Exception as exc:
+            log.exception("read_handling_failed", requests=len(calls))
+            waiting = {id(c) for waiters in self._waiting.values() for c in waiters}
+            unsettled = [c for c in calls if not c.settled and id(c) not in waiting]
+            if len(calls) > 1:
+                for call in unsettled:
+                    await self._guarded([call], serve)
+                return
+            for call in unsettled:
+                failure = f"the worker could not answer this request ({type(exc).__name__})"
+                await self._refuse(call, Internal(failure))
+
+    async def _serve_lists(self, calls: list[ReadCall]) -> None:
+        for call in calls:
+            await self._serve_list(call)
 
     async def _serve_lookups(self, calls: list[ReadCall]) -> None:
         while calls:
@@ -272,7 +308,6 @@ class RpcServer:
             await self._give_up(call, f"{alike} {kind} of this plugin already wait (at most {cap})")
         else:
             waiting.append(call)
-            self._held.add(call)
             if not call.parked:
                 call.parked = True
                 self.subscription.park()
@@ -411,7 +446,10 @@ class RpcServer:
         if following and changed is not None and not changed:
             following = await self._moved(following, now)
         if lookups or following:
-            await asyncio.gather(self._serve_lookups(lookups), self._serve_changes(following))
+            await asyncio.gather(
+                self._guarded(lookups, self._serve_lookups),
+                self._guarded(following, self._serve_changes),
+            )
         await self._flush_acks()
 
     async def _moved(self, following: list[ReadCall], now: float) -> list[ReadCall]:
@@ -440,13 +478,18 @@ class RpcServer:
             return
         self.metrics.count_reject(error.code)
         log.info("read_rejected", code=error.code, routing_key=call.message.routing_key)
+        call.settled = True
         try:
             await self.publisher.dead_letter(call.message, error)
         except BROKER_FAILURES as exc:
             log.warning("rpc_dead_letter_failed", error=repr(exc))
-            self._to_nack.append(call.message)
+            self.acks.give_back(call.message)
             return
-        self._to_ack.append(call.message)
+        except Exception:  # unforeseen: given back, not lost, and the read path goes on
+            log.exception("rpc_dead_letter_failed")
+            self.acks.give_back(call.message)
+            return
+        self.acks.answered(call.message)
 
     async def _answer_error(self, call: ReadCall, error: StateError) -> None:
         await self._answer(call, lambda: ErrorReply(code=error.code, message=error.message))
@@ -455,23 +498,27 @@ class RpcServer:
         """Encode and send a reply; what cannot be encoded or is too large is answered with
         its error instead."""
         self.metrics.rpc_seconds.labels(op=call.op).observe(time.monotonic() - call.received_at)
-        self._held.discard(call)
         if call.parked:
             call.parked = False
             self.subscription.unpark()
         body = self._encode(call, build)
+        call.settled = True
         reply_to = call.answer_to(None)
         if reply_to is None:  # pragma: no cover - refused calls never get here
-            self._to_ack.append(call.message)
+            self.acks.answered(call.message)
             return
         try:
             await self.publisher.reply_body(reply_to, call.message.correlation_id, body, call.codec)
         except BROKER_FAILURES as exc:
             # Given back: some worker answers it with the connection back.
             log.info("rpc_reply_failed", error=repr(exc))
-            self._to_nack.append(call.message)
+            self.acks.give_back(call.message)
             return
-        self._to_ack.append(call.message)
+        except Exception:  # unforeseen: given back, not lost, and the read path goes on
+            log.exception("rpc_reply_failed")
+            self.acks.give_back(call.message)
+            return
+        self.acks.answered(call.message)
 
     def _encode(self, call: ReadCall, build: Callable[[], Reply]) -> bytes:
         codec = call.codec
@@ -481,6 +528,10 @@ class RpcServer:
         except _UNENCODABLE as exc:
             refused = f"the value cannot be sent as {codec.name} ({exc}); read it as JSON"
             return _error_body(codec, UnsupportedValue(refused))
+        except Exception as exc:  # a reply no rule foresaw failing: this request's outcome
+            log.exception("reply_building_failed", op=call.op)
+            failure = f"the worker could not build this reply ({type(exc).__name__})"
+            return _error_body(codec, Internal(failure))
         if len(body) <= self.max_reply:
             return body
         if isinstance(reply, PageReply) and len(reply.items) > 1:
@@ -496,24 +547,13 @@ class RpcServer:
         )
 
     async def _flush_acks(self) -> None:
-        """Give back what could not be answered, then ack what was: with one `multiple` ack
-        per channel when no request is held waiting (the usual case), else one by one so as
-        not to cover those."""
-        failed, self._to_nack = self._to_nack, []
-        settled, self._to_ack = self._to_ack, []
-        await nack_all(failed)
+        """Give back what could not be answered, then ack what was, never covering a
+        request still unanswered (``worker.acks``)."""
+        failed, settled = await self.acks.flush()
         if failed:
             self.subscription.back_off()
         elif settled:
             self.subscription.went_well()
-        if not self._held:
-            await ack_all(settled)
-        else:
-            for message in settled:
-                try:
-                    await message.channel.basic_ack(message.delivery_tag)
-                except BROKER_FAILURES as exc:
-                    log.info("rpc_ack_lost_with_channel", error=repr(exc))
         self.subscription.settled([*failed, *settled])
 
 

@@ -250,7 +250,8 @@ async def test_a_reject_whose_dead_letter_fails_is_not_lost_to_the_next_batchs_a
     dead_exchange = await amqp.declare_exchange(
         names.dead, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead = await amqp.declare_queue(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    # The queue is still there (only its exchange went): bound again, as a worker would.
+    dead = await amqp.declare_queue(names.dead, passive=True)
     await dead.bind(dead_exchange)
 
     async def dead_lettered() -> bool:

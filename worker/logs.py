@@ -1,5 +1,12 @@
 """Structured logging: an event name plus fields, as text for people or one JSON object per
-line for machines. Payloads and secrets are never logged; URLs go through ``redact_url``."""
+line for machines. Payloads and secrets are never logged; URLs go through ``redact_url``.
+
+The worker logs through structlog; the client package (``worker.client``), a library, logs
+through the standard ``logging`` machinery and never configures it. The console command
+routes those records through the same renderer, on stderr, so the operator commands that use
+the client print its events in the worker's format and never on stdout, where their output
+goes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import sys
 
 import structlog
 
+CLIENT_LOGGER = "worker.client"
+
 
 def configure(log_format: str = "text", level: str = "info") -> None:
     renderer: structlog.types.Processor = (
@@ -15,17 +24,32 @@ def configure(log_format: str = "text", level: str = "info") -> None:
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.ExtraAdder(),
+                timestamper,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    client = logging.getLogger(CLIENT_LOGGER)
+    client.handlers = [handler]
+    client.setLevel(numeric_level)
+    client.propagate = False

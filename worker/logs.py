@@ -51,5 +51,9 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     )
     client = logging.getLogger(CLIENT_LOGGER)
     client.handlers = [handler]
-    client.setLevel(numeric_level)
+    # The operator commands' output is their JSON and, on failure, one line: the client's
+    # connects and closes are news only when debugging.
+    client.setLevel(
+        numeric_level if numeric_level <= logging.DEBUG else max(numeric_level, logging.WARNING)
+    )
     client.propagate = False

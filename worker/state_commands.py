@@ -19,10 +19,13 @@ import msgspec
 
 from schemas.errors import StateError
 from schemas.messages import DEFAULT_NAMESPACE, MAX_LIST_LIMIT, SCOPE_KINDS, ScopeKind
+from worker import diagnosis
+from worker.broker import BROKER_FAILURES
 from worker.client import (
     ClientError,
     Conflict,
     Entry,
+    RequestTimeout,
     Reset,
     Scope,
     StateClient,
@@ -137,10 +140,20 @@ class ConflictFailed(Exception):
 async def _client(
     settings: Settings, plugin: uuid.UUID, timeout: float
 ) -> AsyncIterator[StateClient]:
-    async with StateClient(
+    client = StateClient(
         settings.amqp_url, plugin, prefix=settings.prefix, timeout=timeout, remember=0
-    ) as client:
+    )
+    try:
+        await client.connect()
+    except (*BROKER_FAILURES, OSError) as exc:
+        failure = diagnosis.broker_failure(exc, settings.amqp_url)
+        if failure is None:
+            raise
+        raise CommandFailed(str(failure)) from None
+    try:
         yield client
+    finally:
+        await client.close()
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -149,10 +162,14 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return run_async(coro)
     except Conflict as exc:
         raise ConflictFailed(exc.write_id) from None
+    except RequestTimeout as exc:
+        raise CommandFailed(
+            f"{exc}: no worker may be running for this prefix (start `plugin-state-worker "
+            "run`, or check --prefix / PLUGIN_STATE_PREFIX)"
+        ) from None
     except (StateError, ClientError) as exc:
-        raise CommandFailed(f"{type(exc).__name__}: {exc}") from None
-    except OSError as exc:
-        raise CommandFailed(f"cannot reach RabbitMQ: {exc}") from None
+        # A StateError reads "code: message" by itself; a ClientError is its message.
+        raise CommandFailed(str(exc)) from None
 
 
 def _entry_json(entry: Entry, **extra: Any) -> str:

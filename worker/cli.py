@@ -54,7 +54,10 @@ def bad_setting(exc: ConfigError, flags: dict[str, Any]) -> BadSetting:
 @click.group(cls=_Main)
 @click.option("--database-url", help="Postgres URL [PLUGIN_STATE_DATABASE_URL]")
 @click.option("--amqp-url", help="RabbitMQ URL [PLUGIN_STATE_AMQP_URL]")
-@click.option("--prefix", help="Topology name prefix [PLUGIN_STATE_PREFIX]")
+@click.option(
+    "--prefix",
+    help="Name prefix of the exchanges and queues (not a key prefix) [PLUGIN_STATE_PREFIX]",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="[PLUGIN_STATE_LOG_FORMAT]")
 @click.option(
     "--log-level",

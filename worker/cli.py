@@ -17,6 +17,7 @@ from worker import dead_commands, diagnosis, logs, state_commands
 from worker.app import Worker
 from worker.bench import command as bench_command
 from worker.config import ENV_PREFIX, ConfigError, Settings
+from worker.doctor import examine
 from worker.loop import run_async
 from worker.migrate import MigrationError, migrate
 from worker.store import DATABASE_FAILURES, Store, create_pool
@@ -132,6 +133,18 @@ async def _migrate(database_url: str) -> list[str]:
         if failure is None:
             raise
         raise failure from None
+
+
+@main.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check Postgres (reachable, migrated), the plugins table, RabbitMQ, the topology,
+    the user's permissions and the HTTP port: one line each; exit 1 if one fails."""
+    checks = run_async(examine(ctx.obj))
+    for check in checks:
+        click.echo(check.line)
+    if any(check.status != "ok" for check in checks):
+        ctx.exit(1)
 
 
 # --------------------------------------------------------------------------- plugins

@@ -59,7 +59,7 @@ class HealthServer:
         for address in self._runner.addresses:
             self.port = int(address[1])
             break
-        if self.port != wanted:
+        if wanted and self.port != wanted:
             log.info("http_port_moved", wanted=wanted, port=self.port, reason="in use")
         log.info("http_serving", host=self.host, port=self.port)
 

@@ -327,3 +327,23 @@ async def test_a_timeout_says_no_worker_may_be_running(
         ": no worker may be running for this prefix (start `plugin-state-worker run`, or check "
         "--prefix / PLUGIN_STATE_PREFIX)\n"
     )
+
+
+async def test_every_command_prints_one_json_style_and_the_wires_timestamps(
+    start_worker: StartWorker, settings: Settings, database_url: str, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    env = clean_env(
+        PLUGIN_STATE_AMQP_URL=settings.amqp_url,
+        PLUGIN_STATE_PREFIX=settings.prefix,
+        PLUGIN_STATE_DATABASE_URL=database_url,
+    )
+    plugin = ["--plugin", str(plugin_id), "--scope", "instance"]
+    assert (await cli("set", *plugin, "k", '{"a": 1}', "--wait", env=env)).code == 0
+    got = (await cli("get", *plugin, "k", env=env)).stdout
+    listed = (await cli("plugins", "list", env=env)).stdout
+    for line in [got, *listed.splitlines()]:
+        assert '": ' not in line and '", "' not in line, line  # compact, like the wire
+    assert json.loads(got)["updated_at"].endswith("+00:00")
+    mine = next(json.loads(line) for line in listed.splitlines() if str(plugin_id) in line)
+    assert mine["created_at"].endswith("+00:00")

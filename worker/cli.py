@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import uuid
@@ -20,6 +19,7 @@ from worker.config import ENV_PREFIX, ConfigError, Settings
 from worker.doctor import examine
 from worker.loop import run_async
 from worker.migrate import MigrationError, migrate
+from worker.output import json_line
 from worker.store import DATABASE_FAILURES, Store, create_pool
 
 T = TypeVar("T")
@@ -197,13 +197,13 @@ def plugins_list(settings: Settings) -> None:
     rows = run_async(_with_store(settings, lambda s: s.list_plugins()))
     for row in rows:
         click.echo(
-            json.dumps(
+            json_line(
                 {
-                    "id": str(row.id),
+                    "id": row.id,
                     "plugin_key": row.plugin_key,
                     "amqp_user": row.amqp_user,
                     "entries": row.entries,
-                    "created_at": row.created_at.isoformat() if row.created_at else None,
+                    "created_at": row.created_at,
                 }
             )
         )

@@ -41,6 +41,7 @@ from worker.client import (
 )
 from worker.config import Settings
 from worker.loop import run_async
+from worker.output import json_line
 from worker.store import DATABASE_FAILURES, Store, create_pool
 from worker.validate import Rules, validate_write
 
@@ -145,11 +146,7 @@ def _run_write(write: Coroutine[Any, Any, uuid.UUID], waited: bool) -> None:
     try:
         click.echo(_written_json(_run(write), waited))
     except ConflictFailed as conflict:
-        click.echo(
-            msgspec.json.encode(
-                {"id": conflict.write_id, "applied": False, "outcome": "conflict"}
-            ).decode()
-        )
+        click.echo(json_line({"id": conflict.write_id, "applied": False, "outcome": "conflict"}))
         click.get_current_context().exit(EXIT_CONFLICT)
 
 
@@ -244,7 +241,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _entry_json(entry: Entry, **extra: Any) -> str:
-    return msgspec.json.encode(
+    return json_line(
         {
             **extra,
             "scope_kind": entry.scope.kind,
@@ -256,11 +253,11 @@ def _entry_json(entry: Entry, **extra: Any) -> str:
             "updated_at": entry.updated_at,
             **({} if entry.expires_at is None else {"expires_at": entry.expires_at}),
         }
-    ).decode()
+    )
 
 
 def _written_json(write_id: uuid.UUID, wait: bool) -> str:
-    return msgspec.json.encode({"id": write_id, **({"applied": True} if wait else {})}).decode()
+    return json_line({"id": write_id, **({"applied": True} if wait else {})})
 
 
 @click.command("get")
@@ -281,7 +278,7 @@ def get_command(
 
     entry = _run(read())
     if entry is None:
-        click.echo('{"found":false}')
+        click.echo(json_line({"found": False}))
         click.get_current_context().exit(EXIT_NOT_FOUND)
     click.echo(_entry_json(entry, found=True))
 
@@ -468,10 +465,10 @@ def watch_command(
 
 def _event_json(event: WatchEvent) -> str:
     if isinstance(event, Synced):
-        return msgspec.json.encode({"event": "synced", "position": event.position}).decode()
+        return json_line({"event": "synced", "position": event.position})
     if isinstance(event, Reset):
-        return msgspec.json.encode({"event": "reset", "reason": event.reason}).decode()
-    return msgspec.json.encode(
+        return json_line({"event": "reset", "reason": event.reason})
+    return json_line(
         {
             "event": "change",
             "position": event.position,
@@ -485,7 +482,7 @@ def _event_json(event: WatchEvent) -> str:
             **({"value": event.value} if event.kind == "set" else {}),
             **({} if event.expires_at is None else {"expires_at": event.expires_at}),
         }
-    ).decode()
+    )
 
 
 COMMANDS = (get_command, set_command, delete_command, list_command, watch_command)

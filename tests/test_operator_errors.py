@@ -7,9 +7,11 @@ import asyncio
 import signal
 import subprocess
 import sys
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 from .cli import clean_env, cli, refused_port
+from .conftest import drop_database
 from .helpers import wait_until
 from .services import ServiceUrls
 
@@ -119,3 +121,17 @@ async def _stop_while_waiting(env: dict[str, str], sig: signal.Signals) -> str:
     process.send_signal(sig)
     _, rest = await asyncio.wait_for(process.communicate(), 20)
     return f"{process.returncode}\n" + "".join(lines) + rest.decode()
+
+
+async def test_migrate_says_when_it_creates_the_database(services: ServiceUrls) -> None:
+    name = "pstest_db_typo_" + uuid.uuid4().hex[:8]
+    url = _with(services.admin_database_url, path=f"/{name}")
+    host = urlsplit(url).netloc.rpartition("@")[2]
+    try:
+        ran = await cli("--database-url", url, "--log-level", "warning", "migrate")
+        assert ran.code == 0, ran.stderr
+        assert ran.stderr == f"created the database {name!r} on {host} (it did not exist)\n"
+        again = await cli("--database-url", url, "--log-level", "warning", "migrate")
+        assert (again.code, again.stderr) == (0, "")
+    finally:
+        await drop_database(services.admin_database_url, name)

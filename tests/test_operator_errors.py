@@ -135,3 +135,20 @@ async def test_migrate_says_when_it_creates_the_database(services: ServiceUrls) 
         assert (again.code, again.stderr) == (0, "")
     finally:
         await drop_database(services.admin_database_url, name)
+
+
+async def test_refused_rabbitmq_is_one_line_for_the_amqp_commands() -> None:
+    port = refused_port()
+    url = f"amqp://guest:secret@127.0.0.1:{port}/"
+    line = (
+        f"Error: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}/ (connection "
+        "refused): start RabbitMQ there, or point --amqp-url (PLUGIN_STATE_AMQP_URL) at it\n"
+    )
+    plugin = str(uuid.uuid4())
+    for command, code in (
+        (["dead", "list"], 1),
+        (["get", "--plugin", plugin, "--scope", "instance", "k"], 2),
+        (["set", "--plugin", plugin, "--scope", "instance", "k", "1"], 2),
+    ):
+        ran = await cli("--amqp-url", url, *command)
+        assert (ran.code, ran.stdout, ran.stderr) == (code, "", line), command

@@ -69,6 +69,7 @@ from aio_pika.abc import (
 )
 
 from schemas.codec import MSGPACK
+from worker import diagnosis
 from worker.broker import BROKER_FAILURES
 from worker.config import Settings, redact_url
 from worker.publish import PUBLISH_TIMEOUT, without_bookkeeping
@@ -390,8 +391,12 @@ class DeadLetters:
                 },
             )
         except (*BROKER_FAILURES, OSError) as exc:
+            failure = diagnosis.broker_failure(exc, settings.amqp_url)
             raise DeadLetterError(
-                f"cannot connect to RabbitMQ at {redact_url(settings.amqp_url)}: {_failure(exc)}"
+                str(failure)
+                if failure
+                else f"cannot connect to RabbitMQ at {redact_url(settings.amqp_url)}: "
+                f"{_failure(exc)}"
             ) from exc
         async with connection:
             reading = await connection.channel(publisher_confirms=False)

@@ -16,6 +16,9 @@ import sys
 import structlog
 
 CLIENT_LOGGER = "worker.client"
+QUIETED: tuple[str, ...] = ("aiormq.connection",)
+"""Libraries' loggers whose failures the commands report themselves, as one line that says
+what to do (``worker.diagnosis``): aiormq logs a refused connection as an error first."""
 
 
 def configure(log_format: str = "text", level: str = "info") -> None:
@@ -57,3 +60,5 @@ def configure(log_format: str = "text", level: str = "info") -> None:
         numeric_level if numeric_level <= logging.DEBUG else max(numeric_level, logging.WARNING)
     )
     client.propagate = False
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -7,16 +7,28 @@ fields is ``invalid_request``; a number no JSON store can hold is ``unsupported_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 
 from schemas.errors import InvalidMessage, InvalidRequest, StateError
-from schemas.messages import READ_OPS, WRITE_OPS, ReadRequest, Reply, WriteCommand
+from schemas.messages import (
+    READ_OPS,
+    WRITE_OPS,
+    ReadRequest,
+    Reply,
+    WriteCommand,
+    name_problem,
+)
 
 JSON: Final = "application/json"
 MSGPACK: Final = "application/msgpack"
+
+# Where msgspec says a field failed (`$.ops[3].key`), and that path's steps.
+_PATH: Final = re.compile(r"at `(\$[^`]*)`")
+_STEP: Final = re.compile(r"\.(\w+)|\[(\d+)\]")
 
 _CONTENT_TYPES: Final = {
     JSON: JSON,
@@ -37,6 +49,7 @@ class Codec:
     reads: msgspec.json.Decoder[ReadRequest] | msgspec.msgpack.Decoder[ReadRequest]
     replies: msgspec.json.Decoder[Reply] | msgspec.msgpack.Decoder[Reply]
     envelope: msgspec.json.Decoder[_Envelope] | msgspec.msgpack.Decoder[_Envelope]
+    generic: msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]
     encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder
 
     def encode(self, message: object) -> bytes:
@@ -87,7 +100,25 @@ class Codec:
             return InvalidMessage("body has no `op`")
         if not isinstance(op, str) or op not in ops:
             return InvalidMessage(f"unknown op {op!r}: a {what} is one of {sorted(ops)}")
-        return InvalidRequest(text)
+        return InvalidRequest(self._in_words(body, text))
+
+    def _in_words(self, body: bytes, text: str) -> str:
+        """msgspec's message, but a name's broken rule said in words rather than as the
+        constraint (a regular expression, a length) that caught it."""
+        where = _PATH.search(text)
+        if where is None or not ("matching regex" in text or "`str` of length" in text):
+            return text
+        value: Any
+        try:
+            value = self.generic.decode(body)
+            for field, index in _STEP.findall(where.group(1)):
+                value = value[field] if field else value[int(index)]
+        except (*_DECODE_FAILURES, LookupError, TypeError):
+            return text
+        problem = name_problem(value) if isinstance(value, str) else None
+        if problem is None:
+            return text
+        return f"{where.group(1).removeprefix('$.')} {problem}"
 
     def _looks_like_object(self, body: bytes) -> bool:
         if self.content_type == JSON:
@@ -116,6 +147,7 @@ def _codec(content_type: str, name: str, module: Any) -> Codec:
         reads=module.Decoder(ReadRequest),
         replies=module.Decoder(Reply),
         envelope=module.Decoder(_Envelope),
+        generic=module.Decoder(),
         encoder=module.Encoder(),
     )
 

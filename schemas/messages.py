@@ -8,6 +8,7 @@ windows, what a value may contain) live in ``worker.validate``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Annotated, Any, Final, Literal
 
@@ -60,6 +61,29 @@ Name = Annotated[
         "not __proto__, prototype or constructor",
     ),
 ]
+_ONLY_WHITESPACE: Final = re.compile(rf"{_WHITESPACE}*{_END}")
+
+
+def name_problem(name: str) -> str | None:
+    """The rule of ``Name`` that ``name`` breaks, in words (``must not be empty``), or None.
+    The same rules as ``NAME_PATTERN`` and the length limits, said so that a person reading
+    a reply, a dead letter's reason or the CLI's error need not read a regular expression."""
+    if not name:
+        return "must not be empty"
+    if "\x00" in name:
+        return "must not contain U+0000 (NUL)"
+    if name in RESERVED_NAMES:
+        return "must not be one of " + ", ".join(sorted(RESERVED_NAMES, key=_RESERVED_ORDER.index))
+    if _ONLY_WHITESPACE.match(name):
+        return "must not be only whitespace"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters (it has {len(name)})"
+    return None
+
+
+_RESERVED_ORDER: Final = ("__proto__", "prototype", "constructor")
+
+
 KeyPrefix = Annotated[
     str, Meta(max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00]*$", description="a key prefix")
 ]

@@ -12,11 +12,11 @@ from .helpers import wait_until
 
 
 def spawn_worker(
-    settings: Settings, *, stderr: int | None = None, **overrides: str
+    settings: Settings, *, stderr: int | None = None, **overrides: str | None
 ) -> subprocess.Popen[bytes]:
     """``plugin-state-worker run`` with the test's settings (``overrides`` are extra
-    ``PLUGIN_STATE_*`` variables, by lower-case name)."""
-    env = {
+    ``PLUGIN_STATE_*`` variables, by lower-case name; None leaves one unset)."""
+    env: dict[str, str | None] = {
         **os.environ,
         "PLUGIN_STATE_DATABASE_URL": settings.database_url,
         "PLUGIN_STATE_AMQP_URL": settings.amqp_url,
@@ -26,7 +26,8 @@ def spawn_worker(
         "PLUGIN_STATE_HTTP_PORT": "0",
         **{f"PLUGIN_STATE_{name.upper()}": value for name, value in overrides.items()},
     }
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env, stderr=stderr)
+    present = {name: value for name, value in env.items() if value is not None}
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=present, stderr=stderr)
 
 
 async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> int:

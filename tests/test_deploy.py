@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from worker.config import Settings
+from worker.config import DEFAULT_HTTP_PORT, Settings
 from worker.topology import Names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 APP = "plugin-state-worker"
 APP_LABEL = "app.kubernetes.io/name"
 DEFAULTS = Settings()
-# The port of /metrics, /healthz and /readyz: the worker's default where it has the setting.
-HTTP_PORT = int(getattr(DEFAULTS, "http_port", 9108))
+# The port of /metrics, /healthz and /readyz: the worker's default.
+HTTP_PORT = DEFAULT_HTTP_PORT
 
 
 def load_all(path: Path) -> list[Any]:

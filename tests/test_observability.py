@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker.app import Worker
 from worker.config import Settings
 
+from .cli import refused_port
 from .conftest import StartWorker
 from .helpers import publish, set_cmd, state_of, wait_until
 from .proxy import TcpProxy
@@ -154,3 +155,25 @@ async def test_json_logs_are_one_object_per_line_without_secrets(settings: Setti
     password = urlsplit(settings.amqp_url).password
     assert f":{password}@" not in json.dumps(starting)
     assert starting["amqp_url"] == settings.amqp_url.replace(f":{password}@", ":***@")
+
+
+async def test_readyz_names_postgres_alone_while_only_postgres_is_missing(
+    settings: Settings,
+) -> None:
+    port = refused_port()
+    worker = Worker(settings.with_changes(database_url=f"postgresql://postgres@127.0.0.1:{port}/x"))
+    running = asyncio.create_task(worker.run())
+    try:
+
+        async def rabbitmq_up() -> bool:
+            if not worker.health.port:
+                return False
+            status, body = await http_get(worker, "/readyz")
+            return status == 503 and json.loads(body)["rabbitmq"] is True
+
+        await wait_until(rabbitmq_up, what="/readyz to see RabbitMQ up")
+        status, body = await http_get(worker, "/readyz")
+        assert (status, json.loads(body)["postgres"]) == (503, False)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(running, 20)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
 from click.testing import CliRunner, Result
@@ -15,7 +19,9 @@ from click.testing import CliRunner, Result
 from worker.cli import main
 from worker.config import Settings
 from worker.state_commands import register
+from worker.topology import Names, declare
 
+from .cli import clean_env, cli
 from .conftest import StartWorker
 from .helpers import state_of, wait_until
 
@@ -128,7 +134,7 @@ async def test_list_prints_one_line_per_entry_across_pages(
         ("issue", "ISS-1", "b"),
         ("issue", "ISS-2", "a"),
     ]
-    of_kind = await invoke("list", "--scope", "issue", "--prefix", "a")
+    of_kind = await invoke("list", "--scope", "issue", "--key-prefix", "a")
     assert [e["scope_id"] for e in output(of_kind)] == ["ISS-1", "ISS-2"]
     of_scope = await invoke("list", "--scope", "issue:ISS-1")
     assert [e["key"] for e in output(of_scope)] == ["a", "b"]
@@ -218,3 +224,133 @@ async def test_watch_prints_the_entries_then_changes_and_resumes_from_a_position
         ("change", "delete", "a"),
         ("synced", None, None),
     ]
+
+
+# ------------------------------------------------------------ refused here, by the worker's rules
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--scope", "instance", "", "1"], "Error: invalid_request: key must not be empty\n"),
+        (
+            ["--scope", "instance", "__proto__", "1"],
+            "Error: invalid_request: key must not be one of __proto__, prototype, constructor\n",
+        ),
+        (
+            ["--scope", "instance", "--namespace", " ", "k", "1"],
+            "Error: invalid_request: namespace must not be only whitespace\n",
+        ),
+    ],
+)
+async def test_set_refuses_locally_what_the_worker_would_dead_letter(
+    start_worker: StartWorker,
+    settings: Settings,
+    plugin_id: uuid.UUID,
+    amqp: aio_pika.abc.AbstractChannel,
+    args: list[str],
+    line: str,
+) -> None:
+    await start_worker()
+    env = clean_env(PLUGIN_STATE_AMQP_URL=settings.amqp_url, PLUGIN_STATE_PREFIX=settings.prefix)
+    ran = await cli("set", "--plugin", str(plugin_id), *args, env=env)
+    assert (ran.code, ran.stdout, ran.stderr) == (2, "", line)
+    commands = await amqp.declare_queue(Names(settings.prefix).commands_queue, passive=True)
+    dead = await amqp.declare_queue(Names(settings.prefix).dead, passive=True)
+    assert commands.declaration_result.message_count == 0
+    assert dead.declaration_result.message_count == 0
+
+
+async def test_set_takes_its_value_from_stdin_or_a_file_and_the_plugin_by_key(
+    start_worker: StartWorker,
+    settings: Settings,
+    database_url: str,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    tmp_path: Path,
+) -> None:
+    await start_worker()
+    key = await db.fetchval("SELECT plugin_key FROM plugins WHERE id = $1", plugin_id)
+    env = clean_env(
+        PLUGIN_STATE_AMQP_URL=settings.amqp_url,
+        PLUGIN_STATE_PREFIX=settings.prefix,
+        PLUGIN_STATE_DATABASE_URL=database_url,
+    )
+    big = {"blob": "x" * 900_000}  # more than a command line may hold
+    (tmp_path / "value.json").write_text(json.dumps(big))
+    ran = await cli(
+        "set",
+        "--plugin",
+        key,
+        "--scope",
+        "instance",
+        "big",
+        f"@{tmp_path / 'value.json'}",
+        "--wait",
+        env=env,
+    )
+    assert ran.code == 0, ran.stderr
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "set",
+        "--plugin",
+        key,
+        "--scope",
+        "instance",
+        "piped",
+        "-",
+        "--wait",
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    await asyncio.wait_for(process.communicate(b'{"from": "stdin"}'), 30)
+    assert process.returncode == 0
+    stored = await state_of(db, plugin_id)
+    assert stored[("instance", None, "default", "big")] == big
+    assert stored[("instance", None, "default", "piped")] == {"from": "stdin"}
+    ran = await cli("get", "--plugin", "pstest_no_such_key", "--scope", "instance", "k", env=env)
+    assert (ran.code, ran.stderr) == (
+        2,
+        "Error: no plugin with the key or id 'pstest_no_such_key' (`plugin-state-worker "
+        "plugins list` shows them)\n",
+    )
+
+
+async def test_a_timeout_says_no_worker_may_be_running(
+    settings: Settings, plugin_id: uuid.UUID, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    # The topology exists, but no worker consumes.
+    await declare(amqp, settings)
+    env = clean_env(PLUGIN_STATE_AMQP_URL=settings.amqp_url, PLUGIN_STATE_PREFIX=settings.prefix)
+    ran = await cli(
+        "get", "--plugin", str(plugin_id), "--scope", "instance", "k", "--timeout", "0.5", env=env
+    )
+    assert ran.code == 2
+    assert ran.stderr.startswith("Error: no reply within 0.5s"), ran.stderr
+    assert ran.stderr.endswith(
+        ": no worker may be running for this prefix (start `plugin-state-worker run`, or check "
+        "--prefix / PLUGIN_STATE_PREFIX)\n"
+    )
+
+
+async def test_every_command_prints_one_json_style_and_the_wires_timestamps(
+    start_worker: StartWorker, settings: Settings, database_url: str, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    env = clean_env(
+        PLUGIN_STATE_AMQP_URL=settings.amqp_url,
+        PLUGIN_STATE_PREFIX=settings.prefix,
+        PLUGIN_STATE_DATABASE_URL=database_url,
+    )
+    plugin = ["--plugin", str(plugin_id), "--scope", "instance"]
+    assert (await cli("set", *plugin, "k", '{"a": 1}', "--wait", env=env)).code == 0
+    got = (await cli("get", *plugin, "k", env=env)).stdout
+    listed = (await cli("plugins", "list", env=env)).stdout
+    for line in [got, *listed.splitlines()]:
+        assert '": ' not in line and '", "' not in line, line  # compact, like the wire
+    assert json.loads(got)["updated_at"].endswith("+00:00")
+    mine = next(json.loads(line) for line in listed.splitlines() if str(plugin_id) in line)
+    assert mine["created_at"].endswith("+00:00")

@@ -9,16 +9,18 @@ closes the connections. SIGTERM and SIGINT trigger the stop (see ``worker.cli``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Final, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from worker import diagnosis
 from worker.applier import Applier
 from worker.auth import Authorizer
 from worker.broker import BROKER_FAILURES
@@ -79,29 +81,8 @@ class Worker:
         log.info("worker_starting", **settings.redacted())
         # Up first, so /healthz answers (and /readyz says why not) while services are awaited.
         await self.health.start()
-        pool = await self._until_up(
-            "postgres",
-            lambda: create_pool(
-                settings.database_url,
-                settings.db_pool_size,
-                settings.db_command_timeout_seconds,
-                # Which worker a backend serves, in pg_stat_activity.
-                f"{APPLICATION_NAME} {os.getpid()}:{self.instance}",
-                statement_cache=settings.db_statement_cache,
-            ),
-        )
-        self.store = Store(pool)
-        self.database_ok = True
-        self.connection = await self._until_up(
-            "rabbitmq",
-            # Any live node of the broker's, and another when that one goes down.
-            lambda: failover.connect(
-                settings.amqp_urls,
-                connection_name=self.connection_name,
-                retry_initial=settings.retry_initial_seconds,
-                retry_max=settings.retry_max_seconds,
-            ),
-        )
+        await self._connect()
+        assert self.connection is not None and self.store is not None
         # One channel per consumer, so each has its own prefetch and its own delivery tags
         # (the write path acks with `multiple`); replies and dead letters on their own.
         # Each subscription sets its channel's prefetch (worker.broker.Subscription).
@@ -183,6 +164,49 @@ class Worker:
         if "reads" in settings.roles:
             await self.rpc.start()
         log.info("worker_started", prefix=settings.prefix, roles=sorted(settings.roles))
+
+    async def _connect(self) -> None:
+        """Connect to Postgres and RabbitMQ at once, each waited for on its own, so that
+        /readyz tells which one is missing while the other is up."""
+        settings = self.settings
+
+        async def postgres() -> None:
+            pool = await self._until_up(
+                "postgres",
+                lambda: create_pool(
+                    settings.database_url,
+                    settings.db_pool_size,
+                    settings.db_command_timeout_seconds,
+                    # Which worker a backend serves, in pg_stat_activity.
+                    f"{APPLICATION_NAME} {os.getpid()}:{self.instance}",
+                    statement_cache=settings.db_statement_cache,
+                ),
+                lambda exc: diagnosis.database_failure(exc, settings.database_url),
+            )
+            self.store = Store(pool)
+            self.database_ok = True
+
+        async def rabbitmq() -> None:
+            self.connection = await self._until_up(
+                "rabbitmq",
+                # Any live node of the broker's, and another when that one goes down.
+                lambda: failover.connect(
+                    settings.amqp_urls,
+                    connection_name=self.connection_name,
+                    retry_initial=settings.retry_initial_seconds,
+                    retry_max=settings.retry_max_seconds,
+                ),
+                lambda exc: diagnosis.broker_failure(exc, settings.amqp_url),
+            )
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(postgres(), name="connect-postgres")
+                group.create_task(rabbitmq(), name="connect-rabbitmq")
+        except* (diagnosis.ServiceFailure, StoppedWhileWaiting) as failed:
+            # A permanent failure says more than the stop it caused in the other task.
+            first = sorted(failed.exceptions, key=lambda e: isinstance(e, StoppedWhileWaiting))
+            raise first[0] from None
 
     async def serve(self) -> None:
         """Run until ``request_stop``, then drain; returns when everything held is settled."""
@@ -266,26 +290,67 @@ class Worker:
         log.info("worker_stopped")
 
     async def run(self) -> None:
-        """start, serve, stop: the whole life of a worker process."""
+        """start, serve, stop: the whole life of a worker process. Asked to stop while
+        still waiting for a service, it stops there, as a normal stop."""
         try:
             await self.start()
             if not self.stopping.is_set():
                 await self.serve()
+        except StoppedWhileWaiting as stopped:
+            log.info("stopped_while_waiting", service=str(stopped))
         finally:
             await self.stop()
 
-    async def _until_up(self, what: str, connect: Callable[[], Awaitable[T]]) -> T:
+    async def _until_up(
+        self,
+        what: str,
+        connect: Callable[[], Awaitable[T]],
+        diagnose: Callable[[BaseException], diagnosis.ServiceFailure | None],
+    ) -> T:
+        """Connect, waiting out failures that may pass with capped back-off; a permanent
+        one (a refused login) raises its ``ServiceFailure``, a stop ``StoppedWhileWaiting``
+        (even in the middle of an attempt)."""
         delay = self.settings.retry_initial_seconds
-        while True:
-            try:
-                return await connect()
-            except (*DATABASE_FAILURES, *BROKER_FAILURES) as exc:
-                if self.stopping.is_set():
-                    raise
-                log.warning("waiting_for_service", service=what, error=repr(exc), retry_in=delay)
-            try:
-                async with asyncio.timeout(delay):
-                    await self.stopping.wait()
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, self.settings.retry_max_seconds)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while True:
+                async with _attempt(connect()) as attempt:
+                    either: set[asyncio.Future[Any]] = {attempt, stop}
+                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if not attempt.done():
+                    raise StoppedWhileWaiting(what)
+                try:
+                    return attempt.result()
+                except (*DATABASE_FAILURES, *BROKER_FAILURES) as exc:
+                    failure = diagnose(exc)
+                    if failure is not None and failure.permanent:
+                        raise failure from None
+                    log.warning(
+                        "waiting_for_service",
+                        service=what,
+                        error=str(failure) if failure else repr(exc),
+                        retry_in=delay,
+                    )
+                await asyncio.wait({stop}, timeout=delay)
+                if stop.done():
+                    raise StoppedWhileWaiting(what)
+                delay = min(delay * 2, self.settings.retry_max_seconds)
+        finally:
+            stop.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _attempt(connect: Awaitable[T]) -> AsyncIterator[asyncio.Future[T]]:
+    """A connection attempt as a task that never outlives the block: left unfinished (a
+    stop, or the other service's permanent failure) it is cancelled and awaited."""
+    attempt = asyncio.ensure_future(connect)
+    try:
+        yield attempt
+    finally:
+        if not attempt.done():
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+
+
+class StoppedWhileWaiting(Exception):
+    """Asked to stop (SIGTERM, SIGINT) before a service could be reached: a normal stop."""

@@ -3,27 +3,56 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import uuid
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import click
 
-from worker import dead_commands, logs, state_commands
+from worker import dead_commands, diagnosis, logs, state_commands
 from worker.app import Worker
 from worker.bench import command as bench_command
-from worker.config import ConfigError, Settings
+from worker.config import ENV_PREFIX, ConfigError, Settings
+from worker.doctor import examine
 from worker.loop import run_async
 from worker.migrate import MigrationError, migrate
-from worker.store import Store, create_pool
+from worker.output import json_line
+from worker.store import DATABASE_FAILURES, Store, create_pool
 
 T = TypeVar("T")
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group: a service that cannot be reached or refuses is one line on stderr
+    (``Error: ...``, exit 1), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except diagnosis.ServiceFailure as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+class BadSetting(click.ClickException):
+    """A setting has a value the worker cannot run with (exit 2, like a usage error)."""
+
+    exit_code = 2
+
+
+def bad_setting(exc: ConfigError, flags: dict[str, Any]) -> BadSetting:
+    """The config error, naming the flag where the value came from one."""
+    message = str(exc)
+    for name, value in flags.items():
+        if value is not None:
+            variable = ENV_PREFIX + name.upper()
+            message = message.replace(variable, f"--{name.replace('_', '-')}")
+    return BadSetting(message)
+
+
+@click.group(cls=_Main)
 @click.option("--database-url", help="Postgres URL [PLUGIN_STATE_DATABASE_URL]")
 @click.option(
     "--amqp-url",
@@ -31,7 +60,10 @@ T = TypeVar("T")
     help="RabbitMQ URL; repeat it (or comma-separate) for the nodes of a cluster "
     "[PLUGIN_STATE_AMQP_URL]",
 )
-@click.option("--prefix", help="Topology name prefix [PLUGIN_STATE_PREFIX]")
+@click.option(
+    "--prefix",
+    help="Name prefix of the exchanges and queues (not a key prefix) [PLUGIN_STATE_PREFIX]",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="[PLUGIN_STATE_LOG_FORMAT]")
 @click.option(
     "--log-level",
@@ -45,7 +77,7 @@ def main(ctx: click.Context, /, **flags: Any) -> None:
     try:
         settings = Settings.from_env(**flags)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise bad_setting(exc, flags) from None
     logs.configure(settings.log_format, settings.log_level)
     ctx.obj = settings
 
@@ -55,7 +87,7 @@ def main(ctx: click.Context, /, **flags: Any) -> None:
 def migrate_command(settings: Settings) -> None:
     """Apply migrations/ to the database (creating it if missing); safe to repeat."""
     try:
-        applied = run_async(migrate(settings.database_url))
+        applied = run_async(_migrate(settings.database_url))
     except MigrationError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"applied {len(applied)} migration(s)" + "".join(f"\n  {a}" for a in applied))
@@ -77,18 +109,48 @@ def run(settings: Settings, /, run_migrations: bool, **flags: Any) -> None:
     try:
         settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise bad_setting(exc, flags) from None
     run_async(_run(settings, run_migrations))
 
 
 async def _run(settings: Settings, run_migrations: bool) -> None:
     if run_migrations:
-        await migrate(settings.database_url)
+        await _migrate(settings.database_url)
     worker = Worker(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
     await worker.run()
+
+
+async def _migrate(database_url: str) -> list[str]:
+    def created(name: str) -> None:
+        # Said, not only logged: a misspelt name in the URL is otherwise a silent new database.
+        click.echo(
+            f"created the database {name!r} on {urlsplit(database_url).netloc.rpartition('@')[2]}"
+            " (it did not exist)",
+            err=True,
+        )
+
+    try:
+        return await migrate(database_url, on_create=created)
+    except DATABASE_FAILURES as exc:
+        failure = diagnosis.database_failure(exc, database_url)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+@main.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check Postgres (reachable, migrated), the plugins table, RabbitMQ, the topology,
+    the user's permissions and the HTTP port: one line each; exit 1 if one fails."""
+    checks = run_async(examine(ctx.obj))
+    for check in checks:
+        click.echo(check.line)
+    if any(check.status != "ok" for check in checks):
+        ctx.exit(1)
 
 
 # --------------------------------------------------------------------------- plugins
@@ -107,10 +169,11 @@ async def _with_store(settings: Settings, action: Any) -> Any:
             settings.db_command_timeout_seconds,
             statement_cache=settings.db_statement_cache,
         )
-    except asyncpg.InvalidCatalogNameError:
-        raise click.ClickException(
-            "the database does not exist yet: run `plugin-state-worker migrate` first"
-        ) from None
+    except DATABASE_FAILURES as exc:
+        failure = diagnosis.database_failure(exc, settings.database_url)
+        if failure is None:
+            raise
+        raise failure from None
     store = Store(pool)
     try:
         return await action(store)
@@ -145,13 +208,13 @@ def plugins_list(settings: Settings) -> None:
     rows = run_async(_with_store(settings, lambda s: s.list_plugins()))
     for row in rows:
         click.echo(
-            json.dumps(
+            json_line(
                 {
-                    "id": str(row.id),
+                    "id": row.id,
                     "plugin_key": row.plugin_key,
                     "amqp_user": row.amqp_user,
                     "entries": row.entries,
-                    "created_at": row.created_at.isoformat() if row.created_at else None,
+                    "created_at": row.created_at,
                 }
             )
         )

@@ -25,6 +25,10 @@ from schemas.topology import (
 
 ENV_PREFIX: Final = "PLUGIN_STATE_"
 MAX_COMMAND_PARTITIONS: Final = 64
+DEFAULT_HTTP_PORT: Final = 9108
+"""Where a worker serves HTTP when PLUGIN_STATE_HTTP_PORT is unset, if no other process of
+the host has it (then the next free one of ``HTTP_PORT_TRIES``)."""
+HTTP_PORT_TRIES: Final = 16
 
 
 class ConfigError(ValueError):
@@ -144,8 +148,9 @@ class Settings:
     http_host: str = "0.0.0.0"
     """Address of the HTTP server for /metrics, /healthz and /readyz (all interfaces, for
     probes and scrapers from outside the container)."""
-    http_port: int = 9108
-    """Port of that HTTP server; 0 picks a free port."""
+    http_port: int | None = None
+    """Port of that HTTP server; 0 picks a free port. Unset, 9108, or when another process
+    of the host has it (several workers on one machine) the next free one, logged."""
     log_format: str = "text"
     """`text` for people, `json` for one JSON object per line."""
     log_level: str = "info"
@@ -217,7 +222,7 @@ class Settings:
             raise ConfigError(f"{_env_name('quorum_group_size')} must be positive")
         if self.rpc_queue_type not in RPC_QUEUE_TYPES:
             raise ConfigError(f"{_env_name('rpc_queue_type')} must be classic or quorum")
-        if not 0 <= self.http_port <= 65535:
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ConfigError(f"{_env_name('http_port')} must be a port number")
         if self.auth_mode not in ("strict", "permissive"):
             raise ConfigError(f"{_env_name('auth_mode')} must be strict or permissive")
@@ -278,7 +283,7 @@ def redact_url(url: str) -> str:
 def _parse(name: str, type_name: object, raw: str) -> object:
     kind = str(type_name)
     try:
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(raw)
         if kind == "float":
             return float(raw)

@@ -7,7 +7,6 @@ a table for people, or with ``--json`` one JSON object per dead letter and line.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
@@ -18,6 +17,7 @@ from worker.broker import BROKER_FAILURES
 from worker.config import Settings
 from worker.dead_letters import DeadLetter, DeadLetterError, DeadLetters, Selection, Tally
 from worker.loop import run_async
+from worker.output import json_line
 from worker.topology import Names
 
 T = TypeVar("T")
@@ -164,7 +164,7 @@ def list_command(
     def show(letter: DeadLetter) -> None:
         nonlocal header_shown
         if as_json:
-            click.echo(json.dumps(letter.as_json()))
+            click.echo(json_line(letter.as_json()))
             return
         if not header_shown:
             click.echo(_row([title for title, _ in _COLUMNS]))

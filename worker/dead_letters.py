@@ -76,6 +76,7 @@ from aio_pika.abc import (
 
 from schemas.codec import MSGPACK, codec_for
 from schemas.errors import Forbidden, StateError
+from worker import diagnosis
 from worker.auth import Authorizer, Caller, Route, routed_plugin
 from worker.broker import BROKER_FAILURES
 from worker.client import failover, nacks
@@ -487,8 +488,12 @@ class DeadLetters:
                 ),
             )
         except (*BROKER_FAILURES, OSError) as exc:
+            failure = diagnosis.broker_failure(exc, settings.amqp_url)
             raise DeadLetterError(
-                f"cannot connect to RabbitMQ at {redact_url(settings.amqp_url)}: {_failure(exc)}"
+                str(failure)
+                if failure
+                else f"cannot connect to RabbitMQ at {redact_url(settings.amqp_url)}: "
+                f"{_failure(exc)}"
             ) from exc
         async with connection:
             reading = await connection.channel(publisher_confirms=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -71,7 +72,9 @@ def check_server_version(server_version_num: int) -> None:
     )
 
 
-async def _connect(database_url: str, create_database: bool) -> asyncpg.Connection:
+async def _connect(
+    database_url: str, create_database: bool, on_create: Callable[[str], None]
+) -> asyncpg.Connection:
     settings = {"application_name": f"{APPLICATION_NAME} migrate"}
     try:
         return await asyncpg.connect(database_url, server_settings=settings)
@@ -88,6 +91,7 @@ async def _connect(database_url: str, create_database: bool) -> asyncpg.Connecti
         quoted = await admin.fetchval(QUERIES["quote_ident"], name)
         await admin.execute(f"CREATE DATABASE {quoted}")
         log.info("database_created", database=name)
+        on_create(name)
     except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
         # Another migrate process created it first. Postgres reports a concurrent create of
         # the same name as a unique violation on pg_database rather than a duplicate.
@@ -97,10 +101,16 @@ async def _connect(database_url: str, create_database: bool) -> asyncpg.Connecti
     return await asyncpg.connect(database_url, server_settings=settings)
 
 
-async def migrate(database_url: str, *, create_database: bool = True) -> list[str]:
-    """Bring the database up to date; returns the files applied by this call."""
+async def migrate(
+    database_url: str,
+    *,
+    create_database: bool = True,
+    on_create: Callable[[str], None] = lambda _name: None,
+) -> list[str]:
+    """Bring the database up to date; returns the files applied by this call. A missing
+    database is created (unless ``create_database`` is false), and ``on_create`` told."""
     migrations = load_migrations()
-    conn = await _connect(database_url, create_database)
+    conn = await _connect(database_url, create_database, on_create)
     try:
         check_server_version(await conn.fetchval(QUERIES["server_version_num"]))
         await conn.execute(QUERIES["lock"], LOCK_CLASS, MIGRATE_LOCK)

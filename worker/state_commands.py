@@ -9,31 +9,46 @@ follow grep: 0 done (``get``: found), 1 ``get`` found nothing, 2 an error.
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import msgspec
 
+from schemas.codec import JSON, codec_for
 from schemas.errors import StateError
 from schemas.messages import DEFAULT_NAMESPACE, MAX_LIST_LIMIT, SCOPE_KINDS, ScopeKind
+from worker import diagnosis
+from worker.auth import Caller
+from worker.broker import BROKER_FAILURES
 from worker.client import (
     ClientError,
     Conflict,
     Entry,
+    MonotonicUuid7,
+    RequestTimeout,
     Reset,
     Scope,
     StateClient,
     Synced,
     WatchEvent,
+    ttl_ms,
 )
 from worker.config import Settings
 from worker.loop import run_async
+from worker.output import json_line
+from worker.store import DATABASE_FAILURES, Store, create_pool
+from worker.validate import Rules, validate_write
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+
+_JSON = codec_for(JSON)
 
 EXIT_NOT_FOUND = 1
 EXIT_CONFLICT = 3
@@ -60,8 +75,18 @@ def _parse_scope(kind_alone: bool) -> Callable[[click.Context, click.Parameter, 
 
 
 def _parse_json(_ctx: click.Context, _param: click.Parameter, value: str) -> Any:
+    """JSON text; ``-`` reads it from stdin, ``@FILE`` from a file (a value may be 1 MiB,
+    more than a command line holds)."""
+    text: str | bytes = value
+    if value == "-":
+        text = sys.stdin.buffer.read()
+    elif value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {value[1:]}: {exc.strerror}") from None
     try:
-        return msgspec.json.decode(value)
+        return msgspec.json.decode(text)
     except msgspec.DecodeError as exc:
         raise click.BadParameter(f"not a JSON value ({exc}); quote strings: '\"text\"'") from None
 
@@ -72,7 +97,9 @@ def _common(scope_required: bool) -> Callable[[F], F]:
     def decorate(command: F) -> F:
         for option in reversed(
             [
-                click.option("--plugin", type=click.UUID, required=True, help="Plugin id."),
+                click.option(
+                    "--plugin", required=True, help="Plugin id, or its key (looked up in Postgres)."
+                ),
                 click.option(
                     "--scope",
                     callback=_parse_scope(kind_alone=not scope_required),
@@ -119,11 +146,7 @@ def _run_write(write: Coroutine[Any, Any, uuid.UUID], waited: bool) -> None:
     try:
         click.echo(_written_json(_run(write), waited))
     except ConflictFailed as conflict:
-        click.echo(
-            msgspec.json.encode(
-                {"id": conflict.write_id, "applied": False, "outcome": "conflict"}
-            ).decode()
-        )
+        click.echo(json_line({"id": conflict.write_id, "applied": False, "outcome": "conflict"}))
         click.get_current_context().exit(EXIT_CONFLICT)
 
 
@@ -134,13 +157,71 @@ class ConflictFailed(Exception):
 
 
 @asynccontextmanager
-async def _client(
-    settings: Settings, plugin: uuid.UUID, timeout: float
-) -> AsyncIterator[StateClient]:
-    async with StateClient(
-        settings.amqp_url, plugin, prefix=settings.prefix, timeout=timeout, remember=0
-    ) as client:
+async def _client(settings: Settings, plugin: str, timeout: float) -> AsyncIterator[StateClient]:
+    client = StateClient(
+        settings.amqp_url,
+        await _plugin_id(settings, plugin),
+        prefix=settings.prefix,
+        timeout=timeout,
+        remember=0,
+    )
+    try:
+        await client.connect()
+    except (*BROKER_FAILURES, OSError) as exc:
+        failure = diagnosis.broker_failure(exc, settings.amqp_url)
+        if failure is None:
+            raise
+        raise CommandFailed(str(failure)) from None
+    try:
         yield client
+    finally:
+        await client.close()
+
+
+async def _plugin_id(settings: Settings, plugin: str) -> uuid.UUID:
+    """``--plugin``: an id as it is, a key looked up in Postgres (as ``plugins remove``)."""
+    with contextlib.suppress(ValueError):
+        return uuid.UUID(plugin)
+    try:
+        pool = await create_pool(settings.database_url, 1, settings.db_command_timeout_seconds)
+    except DATABASE_FAILURES as exc:
+        failure = diagnosis.database_failure(exc, settings.database_url)
+        if failure is None:
+            raise
+        raise CommandFailed(
+            f"--plugin {plugin!r} is a key, to look up in Postgres: {failure}"
+        ) from None
+    store = Store(pool)
+    try:
+        row = await store.find_plugin(plugin)
+    finally:
+        await store.close()
+    if row is None:
+        raise CommandFailed(
+            f"no plugin with the key or id {plugin!r} (`plugin-state-worker plugins list` "
+            "shows them)"
+        )
+    return row.id
+
+
+def _names(scope: Scope, namespace: str, key: str) -> dict[str, Any]:
+    return {"scope_kind": scope.kind, "scope_id": scope.id, "namespace": namespace, "key": key}
+
+
+def _check_write(settings: Settings, client: StateClient, command: dict[str, Any]) -> None:
+    """Refuse here what the worker would dead-letter, by the worker's own rules (the codec
+    and ``worker.validate``): all but authorization, quotas and the database's clock."""
+    body = {"id": str(MonotonicUuid7()()), "plugin_id": str(client.plugin_id), **command}
+    try:
+        decoded = _JSON.decode_write(msgspec.json.encode(body))
+        validate_write(
+            decoded,
+            int(time.time() * 1000),
+            Rules.from_settings(settings),
+            Caller(None, f"cmd.{client.plugin_id}"),
+        )
+    except StateError as exc:
+        raise CommandFailed(str(exc)) from None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -149,14 +230,18 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return run_async(coro)
     except Conflict as exc:
         raise ConflictFailed(exc.write_id) from None
+    except RequestTimeout as exc:
+        raise CommandFailed(
+            f"{exc}: no worker may be running for this prefix (start `plugin-state-worker "
+            "run`, or check --prefix / PLUGIN_STATE_PREFIX)"
+        ) from None
     except (StateError, ClientError) as exc:
-        raise CommandFailed(f"{type(exc).__name__}: {exc}") from None
-    except OSError as exc:
-        raise CommandFailed(f"cannot reach RabbitMQ: {exc}") from None
+        # A StateError reads "code: message" by itself; a ClientError is its message.
+        raise CommandFailed(str(exc)) from None
 
 
 def _entry_json(entry: Entry, **extra: Any) -> str:
-    return msgspec.json.encode(
+    return json_line(
         {
             **extra,
             "scope_kind": entry.scope.kind,
@@ -168,11 +253,11 @@ def _entry_json(entry: Entry, **extra: Any) -> str:
             "updated_at": entry.updated_at,
             **({} if entry.expires_at is None else {"expires_at": entry.expires_at}),
         }
-    ).decode()
+    )
 
 
 def _written_json(write_id: uuid.UUID, wait: bool) -> str:
-    return msgspec.json.encode({"id": write_id, **({"applied": True} if wait else {})}).decode()
+    return json_line({"id": write_id, **({"applied": True} if wait else {})})
 
 
 @click.command("get")
@@ -180,7 +265,7 @@ def _written_json(write_id: uuid.UUID, wait: bool) -> str:
 @click.argument("key")
 @click.pass_obj
 def get_command(
-    settings: Settings, plugin: uuid.UUID, scope: Scope, namespace: str, timeout: float, key: str
+    settings: Settings, plugin: str, scope: Scope, namespace: str, timeout: float, key: str
 ) -> None:
     """Print the entry KEY as JSON: {"found": true, ..., "value": ...}.
 
@@ -193,7 +278,7 @@ def get_command(
 
     entry = _run(read())
     if entry is None:
-        click.echo('{"found":false}')
+        click.echo(json_line({"found": False}))
         click.get_current_context().exit(EXIT_NOT_FOUND)
     click.echo(_entry_json(entry, found=True))
 
@@ -213,7 +298,7 @@ def get_command(
 @click.pass_obj
 def set_command(
     settings: Settings,
-    plugin: uuid.UUID,
+    plugin: str,
     scope: Scope,
     namespace: str,
     timeout: float,
@@ -235,6 +320,18 @@ def set_command(
 
     async def write() -> uuid.UUID:
         async with _client(settings, plugin, timeout) as client:
+            _check_write(
+                settings,
+                client,
+                {
+                    "op": "set",
+                    **_names(scope, namespace, key),
+                    "value": value,
+                    "if_version": if_version,
+                    "if_absent": if_absent,
+                    "ttl_ms": ttl_ms(ttl),
+                },
+            )
             return await client.set(
                 scope,
                 key,
@@ -257,7 +354,7 @@ def set_command(
 @click.pass_obj
 def delete_command(
     settings: Settings,
-    plugin: uuid.UUID,
+    plugin: str,
     scope: Scope,
     namespace: str,
     timeout: float,
@@ -270,6 +367,11 @@ def delete_command(
 
     async def write() -> uuid.UUID:
         async with _client(settings, plugin, timeout) as client:
+            _check_write(
+                settings,
+                client,
+                {"op": "delete", **_names(scope, namespace, key), "if_version": if_version},
+            )
             return await client.delete(
                 scope, key, namespace=namespace, if_version=if_version, wait=wait
             )
@@ -279,7 +381,11 @@ def delete_command(
 
 @click.command("list")
 @_common(scope_required=False)
-@click.option("--prefix", "key_prefix", default="", help="Only keys starting with this.")
+@click.option(
+    "--key-prefix",
+    default="",
+    help="Only keys starting with this (not the global --prefix, the topology's).",
+)
 @click.option(
     "--page-size",
     type=click.IntRange(1, MAX_LIST_LIMIT),
@@ -290,7 +396,7 @@ def delete_command(
 @click.pass_obj
 def list_command(
     settings: Settings,
-    plugin: uuid.UUID,
+    plugin: str,
     scope: Scope | ScopeKind | None,
     namespace: str | None,
     timeout: float,
@@ -313,7 +419,11 @@ def list_command(
 
 @click.command("watch")
 @_common(scope_required=False)
-@click.option("--prefix", "key_prefix", default="", help="Only keys starting with this.")
+@click.option(
+    "--key-prefix",
+    default="",
+    help="Only keys starting with this (not the global --prefix, the topology's).",
+)
 @click.option("--since", help="Go on after this position (a change's, or a synced line's).")
 @click.option(
     "--initial/--no-initial",
@@ -325,7 +435,7 @@ def list_command(
 @click.pass_obj
 def watch_command(
     settings: Settings,
-    plugin: uuid.UUID,
+    plugin: str,
     scope: Scope | ScopeKind | None,
     namespace: str | None,
     timeout: float,
@@ -355,10 +465,10 @@ def watch_command(
 
 def _event_json(event: WatchEvent) -> str:
     if isinstance(event, Synced):
-        return msgspec.json.encode({"event": "synced", "position": event.position}).decode()
+        return json_line({"event": "synced", "position": event.position})
     if isinstance(event, Reset):
-        return msgspec.json.encode({"event": "reset", "reason": event.reason}).decode()
-    return msgspec.json.encode(
+        return json_line({"event": "reset", "reason": event.reason})
+    return json_line(
         {
             "event": "change",
             "position": event.position,
@@ -372,7 +482,7 @@ def _event_json(event: WatchEvent) -> str:
             **({"value": event.value} if event.kind == "set" else {}),
             **({} if event.expires_at is None else {"expires_at": event.expires_at}),
         }
-    ).decode()
+    )
 
 
 COMMANDS = (get_command, set_command, delete_command, list_command, watch_command)

@@ -55,18 +55,18 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 import msgspec
-import structlog
 
 from schemas.errors import Compacted, InvalidRequest, StateError
 
 from .errors import ClientError
 from .ids import LastWrites
+from .log import get_logger
 from .models import Change, Entry, EntryKey, entry_key
 
 if TYPE_CHECKING:
     from .reads import ChangesPage
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 FOLLOW_WAIT: Final = 20.0
 """How long one read of the log waits for a change (seconds)."""

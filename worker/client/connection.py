@@ -21,7 +21,6 @@ from typing import Final, TypeVar
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -37,8 +36,9 @@ from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 
 from . import failover, nacks
 from .errors import NotConnected, PublishRefused, RequestTimeout, UnexpectedReply, Unroutable
+from .log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 R = TypeVar("R", bound=Struct)
 

@@ -20,7 +20,6 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
-import structlog
 from aio_pika import RobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from yarl import URL
@@ -28,8 +27,9 @@ from yarl import URL
 from schemas.brokers import host_of, redact, split_urls
 
 from .errors import BrokerUnreachable
+from .log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 RETRY_INITIAL: Final = 0.2
 """The pause between two addresses of a round, and the first pause after a failed round."""
@@ -60,6 +60,7 @@ class FailoverConnection(RobustConnection):
         self._failed_in_round = 0
         self._round_pause = retry_initial
         self._attempts = 0
+        self._ever_connected = False
         super().__init__(URL(self.urls[self._current]), reconnect_interval=retry_initial, **kwargs)
 
     @property
@@ -85,7 +86,10 @@ class FailoverConnection(RobustConnection):
                 self._round_pause = min(self._round_pause * 2, self.retry_max)
             else:
                 self.reconnect_interval = self.retry_initial
-            log.warning(
+            # A first connection's failures are its caller's to tell (it tries every
+            # node, then raises BrokerUnreachable): only a lost node's are news here.
+            report = log.warning if self._ever_connected else log.debug
+            report(
                 "broker_node_unreachable",
                 node=self.node,
                 error=redact(repr(exc)),
@@ -95,6 +99,7 @@ class FailoverConnection(RobustConnection):
         self._failed_in_round = 0
         self._round_pause = self.retry_initial
         self.reconnect_interval = self.retry_initial
+        self._ever_connected = True
         log.info("broker_connected", node=self.node, nodes=len(self.urls))
 
 

@@ -30,18 +30,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias, TypeVar
 
-import structlog
-
 from schemas.errors import Compacted, Internal
 from schemas.messages import ListRequest, PageReply, ScopeKind
 
 from .errors import ClientError
+from .log import get_logger
 from .models import Change, EntryKey, Scope, entry_from_item, entry_key
 from .reads import Reads
 
 T = TypeVar("T")
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 WAIT: Final = 20.0
 """How long each read of the log waits for a change (seconds)."""

@@ -574,3 +574,7 @@ SELECT pg_advisory_unlock($1::int, $2::int);
 
 -- name: quote_ident
 SELECT quote_ident($1);
+
+-- name: plugin_census
+-- What `doctor` says of the plugins table: how many plugins, how many a RabbitMQ user acts for.
+SELECT count(*) AS plugins, count(amqp_user) AS mapped FROM plugins;

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from schemas.messages import ListRequest
-from worker.reads import list_bounds
+from worker.reads import LIST_SCAN, list_bounds
 from worker.store import QUERIES
 
 from .helpers import uuid7
@@ -105,20 +105,22 @@ LIST_FILTERS = {
     "a scope kind": {"scope_kind": "project"},
     "everything": {},
 }
+SPARSE_FILTERS = {
+    "a scope id without its kind": {"scope_id": "S299"},
+    "a namespace only": {"namespace": "elsewhere"},
+    "a key prefix only": {"prefix": "key-100"},
+}
 
 
-@pytest.mark.parametrize("filters", LIST_FILTERS.values(), ids=LIST_FILTERS.keys())
-@pytest.mark.parametrize("page", ["list_first_page", "list_next_page"])
-async def test_every_list_page_is_an_index_range(
-    big: tuple[asyncpg.Connection, uuid.UUID], filters: dict[str, str], page: str
-) -> None:
-    conn, plugin = big
+def list_args(plugin: uuid.UUID, filters: dict[str, str], page: str, limit: int = 100) -> list[Any]:
+    """A list statement's parameters, as the worker passes them (the first page, or the
+    page after a cursor within the filters' range)."""
     request = ListRequest(plugin_id=plugin, **filters)  # type: ignore[arg-type]
     bounds = list_bounds(request)
-    start = bounds.lower if page == "list_first_page" else ("issue", "S42", "default", "key-5")
-    plan = await plan_of(
-        conn,
-        QUERIES[page],
+    start = bounds.lower
+    if page == "list_next_page":
+        start = max(start, ("issue", "S42", "default", "key-5"))
+    return [
         plugin,
         *start,
         *bounds.upper,
@@ -126,15 +128,73 @@ async def test_every_list_page_is_an_index_range(
         bounds.scope_id,
         bounds.namespace,
         bounds.prefix,
-        101,
+        limit + 1,
         8 << 20,
         200,
-    )
+        LIST_SCAN,
+    ]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [*LIST_FILTERS.values(), *SPARSE_FILTERS.values()],
+    ids=[*LIST_FILTERS.keys(), *SPARSE_FILTERS.keys()],
+)
+@pytest.mark.parametrize("page", ["list_first_page", "list_next_page"])
+async def test_every_list_page_is_an_index_range(
+    big: tuple[asyncpg.Connection, uuid.UUID], filters: dict[str, str], page: str
+) -> None:
+    conn, plugin = big
+    plan = await plan_of(conn, QUERIES[page], *list_args(plugin, filters, page))
     assert_indexed(plan)
     used = {n.get("Index Name") for n in plan}
     assert "plugin_state_list_order_idx" in used, used
     # The index hands the rows in list order: nothing to sort.
     assert not any(n["Node Type"] == "Sort" for n in plan)
+
+
+async def rows_read(conn: asyncpg.Connection, page: str, args: list[Any]) -> tuple[int, int]:
+    """How many rows of the list index a page read (its index scan's actual rows), and how
+    many rows the statement answered, under the statement's generic plan (a worker's, once
+    the prepared statement has been used a few times)."""
+    await conn.execute(f"PREPARE {page} AS {QUERIES[page]}")
+    try:
+        literals = [
+            await conn.fetchval("SELECT quote_nullable($1::text)", None if a is None else str(a))
+            for a in args
+        ]
+        text = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {page}({', '.join(literals)})"
+        )
+    finally:
+        await conn.execute(f"DEALLOCATE {page}")
+    plan = list(nodes(json.loads(text)[0]["Plan"]))
+    (scan,) = [n for n in plan if n.get("Index Name") == "plugin_state_list_order_idx"]
+    assert not any(n["Node Type"] == "Sort" for n in plan)
+    return scan["Actual Rows"] * scan["Actual Loops"], plan[0]["Actual Rows"]
+
+
+@pytest.mark.parametrize("filters", LIST_FILTERS.values(), ids=LIST_FILTERS.keys())
+@pytest.mark.parametrize("page", ["list_first_page", "list_next_page"])
+async def test_a_page_whose_filters_lead_the_index_reads_its_own_rows_only(
+    big: tuple[asyncpg.Connection, uuid.UUID], filters: dict[str, str], page: str
+) -> None:
+    conn, plugin = big
+    read, answered = await rows_read(conn, page, list_args(plugin, filters, page, limit=100))
+    assert answered <= 101
+    # The page and the row telling whether another follows (and the one or two the window
+    # functions look ahead): the scan window is not read on.
+    assert read <= 101 + 2, read
+
+
+@pytest.mark.parametrize("filters", SPARSE_FILTERS.values(), ids=SPARSE_FILTERS.keys())
+@pytest.mark.parametrize("page", ["list_first_page", "list_next_page"])
+async def test_a_page_whose_filters_match_little_reads_at_most_the_scan_window(
+    big: tuple[asyncpg.Connection, uuid.UUID], filters: dict[str, str], page: str
+) -> None:
+    conn, plugin = big
+    read, _ = await rows_read(conn, page, list_args(plugin, filters, page, limit=100))
+    assert read == LIST_SCAN
 
 
 async def test_a_burst_of_lookups_probes_the_unique_indexes(

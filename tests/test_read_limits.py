@@ -19,7 +19,9 @@ import msgspec
 import pytest
 
 from schemas.codec import JSON, MSGPACK
+from worker.client import StateClient
 from worker.config import Settings
+from worker.reads import LIST_SCAN
 from worker.topology import declare
 
 from .conftest import StartWorker
@@ -230,3 +232,57 @@ async def test_names_too_long_together_for_the_index_are_invalid_request(
     reply = await rpc.call(plugin_id, write, kind="cmd")
     assert reply["type"] == "error" and reply["code"] == "invalid_request"
     assert "bytes of UTF-8 together" in reply["message"]
+
+
+async def many_entries_and_a_few_rare(db: asyncpg.Pool, plugin_id: uuid.UUID) -> list[str]:
+    """Three scan windows' worth of a plugin's entries, and five in a namespace of their own
+    at the end of the list order (their keys, in that order)."""
+    await db.execute(
+        """
+        INSERT INTO plugin_state (plugin_id, scope_kind, scope_id, namespace, state_key,
+                                  value_json, version, value_bytes)
+        SELECT $1::uuid, 'issue', 'ISS-' || lpad(n::text, 5, '0'), 'default', 'k', to_jsonb(n),
+               $2::uuid, 1
+        FROM generate_series(1, $3) n
+        UNION ALL
+        SELECT $1::uuid, 'project', 'P-1', 'rare', 'r' || n, to_jsonb(n), $2::uuid, 1
+        FROM generate_series(1, 5) n
+        """,
+        plugin_id,
+        uuid7(),
+        3 * LIST_SCAN,
+    )
+    return [f"r{n}" for n in range(1, 6)]
+
+
+async def test_a_list_filter_that_matches_little_reads_a_bounded_window_per_page(
+    start_worker: StartWorker, rpc: RawRpc, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    rare = await many_entries_and_a_few_rare(db, plugin_id)
+    seen: list[str] = []
+    pages: list[int] = []
+    cursor = None
+    while True:
+        request = {"op": "list", "plugin_id": str(plugin_id), "namespace": "rare", "limit": 2}
+        page = await rpc.call(plugin_id, {**request, "cursor": cursor}, timeout=10)
+        assert page["type"] == "page", page
+        pages.append(len(page["items"]))
+        seen += [item["key"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == rare
+    # Each of the three windows before the rare entries answers an empty page that goes on
+    # after what it read; then the rare ones, two a page.
+    assert pages == [0, 0, 0, 2, 2, 1]
+
+
+async def test_the_client_lists_through_empty_pages_to_the_end(
+    start_worker: StartWorker, settings: Settings, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    rare = await many_entries_and_a_few_rare(db, plugin_id)
+    async with StateClient(settings.amqp_url, plugin_id, prefix=settings.prefix) as client:
+        listed = [entry async for entry in client.list(namespace="rare", page_size=100)]
+    assert [entry.key for entry in listed] == rare

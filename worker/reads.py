@@ -3,7 +3,8 @@
 Pure where it can be (bounds, sizes, reply building); the two queries are ``Store``'s.
 Every reply stays within ``max_reply_bytes`` (protocol §3): a ``list`` page ends early (at
 least one item, the cursor continues), a ``get_many`` that would be larger is
-``reply_too_large``. Sizes are estimated from the stored size of each value before anything
+``reply_too_large``; a ``list`` page reads at most ``LIST_SCAN`` rows of its range.
+Sizes are estimated from the stored size of each value before anything
 is loaded, so a hostile request (a 1 MiB entry named 1000 times) costs at most one reply's
 worth of memory, never more; the encoded reply is measured again before it is sent.
 """
@@ -38,6 +39,10 @@ FRAMING: Final = 200
 """Bytes of JSON around one value in a reply (field names, version, timestamps), at most."""
 _TOP: Final = "\U0010ffff"
 """Greater than every scope kind: the upper bound of an unfiltered list."""
+LIST_SCAN: Final = 10_000
+"""Most rows of the list index one ``list`` page reads: filters the index range cannot
+express (a scope id without its kind, a namespace or a prefix alone) that match little
+still answer soon, with fewer items (none, maybe) and a cursor past what was read."""
 
 
 def item_size(value_bytes: int, entry: EntryKey | None = None) -> int:
@@ -151,7 +156,9 @@ def _position(parts: tuple[str, ...]) -> ListPosition:
     return padded[0], padded[1], padded[2], padded[3]
 
 
-def page_reply(rows: Sequence[Listed], more: bool, codec: Codec) -> PageReply:
+def page_reply(rows: Sequence[Listed], resume: ListPosition | None, codec: Codec) -> PageReply:
+    """A list page as a reply; its cursor is ``resume``, where the next page starts (None:
+    nothing follows)."""
     items = [
         PageItem(
             scope_kind=row.entry.scope_kind,  # type: ignore[arg-type]
@@ -165,13 +172,7 @@ def page_reply(rows: Sequence[Listed], more: bool, codec: Codec) -> PageReply:
         )
         for row in rows
     ]
-    next_cursor = None
-    if more and rows:
-        last = rows[-1].entry
-        next_cursor = encode_cursor(
-            (last.scope_kind, last.scope_id or "", last.namespace, last.key)
-        )
-    return PageReply(items=items, next_cursor=next_cursor)
+    return PageReply(items=items, next_cursor=None if resume is None else encode_cursor(resume))
 
 
 # ---------------------------------------------------------------------------- changes

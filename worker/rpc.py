@@ -330,11 +330,12 @@ class RpcServer:
         after = None if request.cursor is None else decode_cursor(request.cursor)
         budget = self.max_reply - reads.FRAMING
         try:
-            rows, more = await self.store.list_entries(
+            rows, resume = await self.store.list_entries(
                 request.plugin_id,
                 reads.list_bounds(request),
                 limit=request.limit,
                 after=after,
+                scan=reads.LIST_SCAN,
                 budget=budget,
                 framing=reads.FRAMING,
             )
@@ -342,7 +343,7 @@ class RpcServer:
             log.warning("rpc_database_failed", error=repr(exc), requests=1)
             await self._refuse(call, Internal("the database is unavailable; retry"))
             return
-        await self._answer(call, lambda: reads.page_reply(rows, more, call.codec))
+        await self._answer(call, lambda: reads.page_reply(rows, resume, call.codec))
 
     async def _serve_changes(self, calls: list[ReadCall]) -> None:
         """Answer pages of the change log, or let them wait (``wait_ms``) while empty. Reads

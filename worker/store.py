@@ -161,6 +161,10 @@ class LogPage:
     changes: list[LoggedChange]
 
 
+def _position(entry: EntryKey) -> ListPosition:
+    return entry.scope_kind, entry.scope_id or "", entry.namespace, entry.key
+
+
 class StoreInconsistent(RuntimeError):
     """A write transaction changed other rows than it decided to: it is rolled back."""
 
@@ -438,11 +442,13 @@ class Store:
         *,
         limit: int,
         after: ListPosition | None,
+        scan: int,
         budget: int,
         framing: int,
-    ) -> tuple[list[Listed], bool]:
+    ) -> tuple[list[Listed], ListPosition | None]:
         """Up to ``limit`` entries in list order within ``bounds`` (after ``after`` when
-        given), cut short to stay within ``budget`` bytes; and whether more follow."""
+        given), among at most ``scan`` rows of the range, cut short to stay within ``budget``
+        bytes; and where the next page starts (None: nothing follows)."""
         args: list[Any] = [
             plugin_id,
             *(after or bounds.lower),
@@ -454,21 +460,32 @@ class Store:
             limit + 1,
             budget,
             framing,
+            scan,
         ]
         query = QUERIES["list_first_page" if after is None else "list_next_page"]
         rows = await self.pool.fetch(query, *args)
         page: list[Listed] = []
-        for row in rows[:limit]:
-            if not row["within"]:
-                return page, True
+        for row in rows:
+            if len(page) == limit or not row["within"]:
+                # A full page, or one ended early by the budget: the next starts after its
+                # last item (the first row is always within).
+                return page, _position(page[-1].entry)
             entry = EntryKey(
                 plugin_id, row["scope_kind"], row["scope_id"], row["namespace"], row["state_key"]
             )
-            value = StoredValue(
-                row["value_json"], row["version"], row["updated_at"], expires_at=row["expires_at"]
-            )
-            page.append(Listed(entry, value))
-        return page, len(rows) > limit
+            if row["matches"]:
+                value = StoredValue(
+                    row["value_json"],
+                    row["version"],
+                    row["updated_at"],
+                    expires_at=row["expires_at"],
+                )
+                page.append(Listed(entry, value))
+            if row["window_end"]:
+                # The scan window is read to its end: the next page starts after its last
+                # row, whether it matched or not (the range may go on).
+                return page, _position(entry)
+        return page, None
 
     async def read_changes(
         self,

@@ -226,69 +226,104 @@ ORDER BY n;
 -- A plugin's entries in (scope_kind, scope_id, namespace, key) byte order, between the
 -- bounds $2..$5 (inclusive) and $6..$9 (exclusive) that the filters make, which the list
 -- index serves as one range (the rows come in its order: no sort, and the scan stops at the
--- limit); $10..$13 are the filters themselves (null: none), for filters the range cannot
--- express. At most $14 rows (the page size plus one: the extra row tells whether another
--- page follows). A row's value is sent only while the page's running size (each value's
--- bound on its rendering, value_bytes, plus its names and $16 bytes of framing) stays
--- within $15 bytes; `within` says which rows fit, the first always does.
+-- limit). At most $17 rows of that range are read (the scan window, so a page costs a
+-- bounded amount whatever the filters): $10..$13, the filters the range cannot express
+-- (null: none), and expiry apply to the window's rows. At most $14 rows come back (the page
+-- size plus one: the extra row tells whether another page follows): the matching ones, and
+-- the window's last row when the window was read to its end (`window_end`; `matches` says
+-- whether it is an item), where the next page starts. A row's value is sent only while the
+-- page's running size (each value's bound on its rendering, value_bytes, plus its names
+-- and $16 bytes of framing) stays within $15 bytes; `within` says which rows fit, the
+-- first always does.
 SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
-       CASE WHEN row_number() OVER w = 1 OR sum(
+       value_json, within, matches, window_end
+FROM (
+SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
+       sk, sid, ns, k,
+       CASE WHEN matches AND (row_number() OVER w = 1 OR sum(
                 coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
                 + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
-            ) OVER w <= $15::bigint
+            ) OVER w <= $15::bigint)
             THEN value_json END AS value_json,
-       row_number() OVER w = 1 OR sum(
+       NOT matches OR row_number() OVER w = 1 OR sum(
            coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
            + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
-       ) OVER w <= $15::bigint AS within
-FROM plugin_state
-WHERE plugin_id = $1
-  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-       namespace COLLATE "C", state_key COLLATE "C") >= ($2, $3, $4, $5)
-  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-       namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
-  AND ($10::text IS NULL OR scope_kind = $10)
-  AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
-  AND ($12::text IS NULL OR namespace = $12)
-  AND starts_with(state_key, $13)
-  AND (expires_at IS NULL OR expires_at > statement_timestamp())
-WINDOW w AS (ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-                      namespace COLLATE "C", state_key COLLATE "C"
-             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-         namespace COLLATE "C", state_key COLLATE "C"
-LIMIT $14;
+       ) OVER w <= $15::bigint AS within,
+       matches, scanned = $17 AS window_end
+FROM (
+    SELECT s.*, row_number() OVER (ORDER BY sk, sid, ns, k) AS scanned,
+           ($10::text IS NULL OR scope_kind = $10)
+           AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
+           AND ($12::text IS NULL OR namespace = $12)
+           AND starts_with(state_key, $13)
+           AND (expires_at IS NULL OR expires_at > statement_timestamp()) AS matches
+    FROM (
+        SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
+               value_json, value_bytes,
+               scope_kind COLLATE "C" AS sk, coalesce(scope_id, '') COLLATE "C" AS sid,
+               namespace COLLATE "C" AS ns, state_key COLLATE "C" AS k
+        FROM plugin_state
+        WHERE plugin_id = $1
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") >= ($2, $3, $4, $5)
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
+        ORDER BY sk, sid, ns, k
+        LIMIT $17
+    ) s
+) window_rows
+WHERE matches OR scanned = $17
+WINDOW w AS (ORDER BY sk, sid, ns, k ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+LIMIT $14
+) page
+ORDER BY sk, sid, ns, k;
 
 -- name: list_next_page
--- As list_first_page, after the cursor $2..$5 (the last entry of the previous page):
--- keyset paging, so entries added or removed between pages never shift the others.
+-- As list_first_page, after the cursor $2..$5 (the last entry of the previous page, or the
+-- last row its window read): keyset paging, so entries added or removed between pages never
+-- shift the others.
 SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
-       CASE WHEN row_number() OVER w = 1 OR sum(
+       value_json, within, matches, window_end
+FROM (
+SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
+       sk, sid, ns, k,
+       CASE WHEN matches AND (row_number() OVER w = 1 OR sum(
                 coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
                 + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
-            ) OVER w <= $15::bigint
+            ) OVER w <= $15::bigint)
             THEN value_json END AS value_json,
-       row_number() OVER w = 1 OR sum(
+       NOT matches OR row_number() OVER w = 1 OR sum(
            coalesce(value_bytes, octet_length(value_json::text)) + octet_length(state_key)
            + octet_length(namespace) + octet_length(coalesce(scope_id, '')) + $16::int
-       ) OVER w <= $15::bigint AS within
-FROM plugin_state
-WHERE plugin_id = $1
-  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-       namespace COLLATE "C", state_key COLLATE "C") > ($2, $3, $4, $5)
-  AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-       namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
-  AND ($10::text IS NULL OR scope_kind = $10)
-  AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
-  AND ($12::text IS NULL OR namespace = $12)
-  AND starts_with(state_key, $13)
-  AND (expires_at IS NULL OR expires_at > statement_timestamp())
-WINDOW w AS (ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-                      namespace COLLATE "C", state_key COLLATE "C"
-             ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
-ORDER BY scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
-         namespace COLLATE "C", state_key COLLATE "C"
-LIMIT $14;
+       ) OVER w <= $15::bigint AS within,
+       matches, scanned = $17 AS window_end
+FROM (
+    SELECT s.*, row_number() OVER (ORDER BY sk, sid, ns, k) AS scanned,
+           ($10::text IS NULL OR scope_kind = $10)
+           AND ($11::text IS NULL OR coalesce(scope_id, '') = $11)
+           AND ($12::text IS NULL OR namespace = $12)
+           AND starts_with(state_key, $13)
+           AND (expires_at IS NULL OR expires_at > statement_timestamp()) AS matches
+    FROM (
+        SELECT scope_kind, scope_id, namespace, state_key, version, updated_at, expires_at,
+               value_json, value_bytes,
+               scope_kind COLLATE "C" AS sk, coalesce(scope_id, '') COLLATE "C" AS sid,
+               namespace COLLATE "C" AS ns, state_key COLLATE "C" AS k
+        FROM plugin_state
+        WHERE plugin_id = $1
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") > ($2, $3, $4, $5)
+          AND (scope_kind COLLATE "C", coalesce(scope_id, '') COLLATE "C",
+               namespace COLLATE "C", state_key COLLATE "C") < ($6, $7, $8, $9)
+        ORDER BY sk, sid, ns, k
+        LIMIT $17
+    ) s
+) window_rows
+WHERE matches OR scanned = $17
+WINDOW w AS (ORDER BY sk, sid, ns, k ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+LIMIT $14
+) page
+ORDER BY sk, sid, ns, k;
 
 -- name: old_tombstone_plugins
 -- Plugins with tombstones older than the cut-off ($1: seconds of retention and skew), for

@@ -275,6 +275,14 @@ class Connection:
                 await current.close()
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             log.info("state_client_channel_renew_failed", error=repr(exc))
+        except asyncio.CancelledError:
+            # aiormq cancels a channel's pending close when its connection is lost (a node
+            # killed): that is the connection going, which the robust connection mends, not
+            # this call being cancelled, unless it is.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.info("state_client_channel_renew_failed", error="connection lost")
 
     def _on_reconnected(self, _connection: object) -> None:
         log.info("state_client_reconnected", connection_name=self.connection_name)

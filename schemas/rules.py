@@ -222,3 +222,17 @@ def _float_growth(number: float) -> int:
     if magnitude >= 1e16 or 0 < magnitude < 1e-4:
         return abs(math.floor(math.log10(magnitude))) + 2
     return 0
+
+
+def check_finite(value: Any) -> None:
+    """A Python value about to be encoded as JSON holds no NaN nor Infinity: msgspec writes
+    them as ``null``, and another value must not be stored in their place."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise UnsupportedValue(f"value holds {item}, which JSON and jsonb cannot hold")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)

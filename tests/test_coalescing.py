@@ -9,7 +9,6 @@ import asyncio
 import random
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aio_pika
@@ -26,7 +25,7 @@ from .conftest import StartWorker, unique
 from .helpers import state_of, wait_until
 
 ISSUE = Scope.issue("ISS-7")
-ClientFactory = Callable[..., AbstractAsyncContextManager[StateClient]]
+ClientFactory = Callable[..., StateClient]
 Op = tuple[str, Any]  # (key, value), or (key, DELETE)
 DELETE = object()
 

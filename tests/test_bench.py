@@ -25,6 +25,7 @@ from .services import ServiceUrls
 
 EVERY_RATIO = (
     "write throughput / ceiling",
+    "coalesced writes from one client / ceiling",
     "write throughput / naive baseline",
     "write throughput / FastStream subscriber",
     "write throughput / direct upserts",

@@ -25,7 +25,6 @@ from .services import ServiceUrls
 
 EVERY_RATIO = (
     "write throughput / ceiling",
-    "coalesced writes from one client / ceiling",
     "write throughput / naive baseline",
     "write throughput / FastStream subscriber",
     "write throughput / direct upserts",

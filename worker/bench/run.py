@@ -7,7 +7,6 @@
 4. (with ``workers`` > 1) the write throughput of that many fresh workers; (with
    ``partitions`` > 1) the write throughput over 1 and over that many commands partitions;
 5. the write throughput of one fresh worker, which then stays up for the rest:
-   coalesced writes from one client (``coalesced``) at it;
 6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
 7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
 8. changes: a near-cached ``get``, and commit-to-watcher latency;
@@ -23,7 +22,6 @@ from typing import Any, Final
 from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
 from worker.bench.changes import measure_changes
-from worker.bench.coalesced import measure_coalesced
 from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
 from worker.bench.partitions import measure_partitions
@@ -167,14 +165,6 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         stream = WriteStream(plugin, sizes.writes, entries, _WRITES_SEED)
         run = await measure_throughput(env, stream, 1, bar)
         worker = run.workers[0]
-        coalesced = await measure_coalesced(
-            env,
-            worker,
-            await env.add_plugin("coalesced"),
-            sizes.writes,
-            entries,
-            bar,
-        )
         latency = [
             await measure_latency(
                 env,
@@ -228,7 +218,6 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         memory=memory,
         variants=variants,
         changes=changes,
-        coalesced=coalesced,
         partitions=partitions,
     )
 

@@ -164,12 +164,14 @@ async def test_wait_returns_after_the_applied_reply(
 
 
 async def test_write_ids_strictly_increase_across_1000_quick_calls(
-    start_worker: StartWorker, client: StateClient
+    start_worker: StartWorker, connect: ClientFactory
 ) -> None:
+    # Uncoalesced: each write its own message and id (coalesced writes share their batch's).
     await start_worker()
-    ids = await asyncio.gather(*(client.set(ISSUE, f"k{i % 7}", i) for i in range(1000)))
-    assert strictly_increasing(ids)
-    assert client.last_write(ISSUE, f"k{999 % 7}") == ids[-1]
+    async with connect(coalesce=False) as client:
+        ids = await asyncio.gather(*(client.set(ISSUE, f"k{i % 7}", i) for i in range(1000)))
+        assert strictly_increasing(ids)
+        assert client.last_write(ISSUE, f"k{999 % 7}") == ids[-1]
 
 
 async def test_remembered_writes_stay_bounded(

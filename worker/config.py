@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from schemas import brokers
+from schemas import brokers, rules
 from schemas.topology import (
     DEFAULT_AMQP_URL,
     DEFAULT_PREFIX,
@@ -84,9 +84,9 @@ class Settings:
     once (so that the next batch fills while the others are applied)."""
     rpc_prefetch: int = 256
     """Unanswered read requests held per worker."""
-    value_max_bytes: int = 1024 * 1024
+    value_max_bytes: int = rules.VALUE_MAX_BYTES
     """Largest value, measured as its JSON encoding."""
-    value_max_depth: int = 256
+    value_max_depth: int = rules.VALUE_MAX_DEPTH
     """Deepest nesting of arrays and objects in a value; deeper is `invalid_request`."""
     max_reply_bytes: int = 8 * 1024 * 1024
     """Largest reply body: `list` pages end early to stay under it, a larger `get_many` is

@@ -31,6 +31,7 @@ from msgspec import UNSET
 
 from schemas.errors import Internal, StateError
 from schemas.messages import AppliedReply, ErrorReply, Reply
+from schemas.rules import uuid7_millis
 from worker import topology
 from worker.applier import Applier, TimedOut, transactions
 from worker.broker import (
@@ -50,7 +51,6 @@ from worker.plugins import PluginDirectory
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
 from worker.topology import Names
-from worker.validate import uuid7_millis
 
 log = structlog.get_logger(__name__)
 

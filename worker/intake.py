@@ -53,6 +53,7 @@ from schemas.messages import (
     ReadRequest,
     WriteCommand,
 )
+from schemas.rules import check_entry
 from schemas.topology import DEADLINE_HEADER, DIRECT_REPLY_TO, Names
 from worker.auth import Authorizer, Caller, Route, routed_plugin
 from worker.broker import Delivery
@@ -60,7 +61,7 @@ from worker.changes import decode_position
 from worker.cursor import decode_cursor
 from worker.frames import UNREADABLE_HEADER
 from worker.model import EntryKey, Write
-from worker.validate import Rules, check_after, check_entry, validate_write
+from worker.validate import Rules, check_after, validate_write
 
 log = structlog.get_logger(__name__)
 

@@ -335,6 +335,8 @@ class BenchReport:
     memory: MemoryFigures
     variants: dict[str, Variant]
     changes: ChangeFigures
+    coalesced: Rate | None = None
+    """Fire-and-forget sets from one coalescing client, first call to last commit."""
     partitions: PartitionFigures | None = None
     """With ``--partitions N``: 1 and N partitions side by side."""
 
@@ -390,6 +392,19 @@ class BenchReport:
                 self.worker_writes.per_second / self.ceiling_consume.per_second,
                 ">= 0.8",
                 f"{self.worker_writes.per_second:,.0f} / {self.ceiling_consume.per_second:,.0f}",
+            ),
+            *(
+                []
+                if self.coalesced is None
+                else [
+                    Ratio(
+                        "coalesced writes from one client / ceiling",
+                        self.coalesced.per_second / self.ceiling_consume.per_second,
+                        ">= 2.5",
+                        f"{self.coalesced.per_second:,.0f} / "
+                        f"{self.ceiling_consume.per_second:,.0f}",
+                    )
+                ]
             ),
             Ratio(
                 "write throughput / naive baseline",
@@ -489,6 +504,8 @@ class BenchReport:
                 (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
             )
         rows += [(v.title, _rate(v.rate), "writes/s") for v in self.variants.values()]
+        if self.coalesced is not None:
+            rows.append(("coalesced writes from one client", _rate(self.coalesced), "writes/s"))
         rows += _partition_rows(self.partitions)
         rows += _latency_rows("", self.write_latency, self.worker_writes)
         rows.append(("READS", "", ""))
@@ -582,6 +599,7 @@ class BenchReport:
             "memory": self.memory.as_json(),
             "variants": {key: variant.as_json() for key, variant in self.variants.items()},
             "changes": self.changes.as_json(),
+            "coalesced": None if self.coalesced is None else self.coalesced.as_json(),
             "partitions": None if self.partitions is None else self.partitions.as_json(),
             "ratios": {
                 ratio.name: {"value": ratio.value, "target": ratio.target}

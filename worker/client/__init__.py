@@ -38,6 +38,7 @@ from schemas.topology import DIRECT_REPLY_TO
 
 from . import failover
 from .cache import CacheLimits, CacheStats
+from .coalesce import Coalescing
 from .errors import (
     BrokerUnreachable,
     ClientError,
@@ -75,6 +76,7 @@ __all__ = [
     "ChangeKind",
     "ChangesPage",
     "ClientError",
+    "Coalescing",
     "Conflict",
     "Entry",
     "EntryName",

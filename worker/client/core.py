@@ -21,6 +21,7 @@ from .models import EntryKey
 
 if TYPE_CHECKING:
     from .cache import NearCache
+    from .coalesce import Coalescer
 
 
 class ClientCore:
@@ -34,3 +35,4 @@ class ClientCore:
     _new_id: MonotonicUuid7
     _last_writes: LastWrites[EntryKey]
     _cache: NearCache | None
+    _coalescer: Coalescer | None

@@ -58,6 +58,10 @@ class MonotonicUuid7:
         self._last = candidate
         return uuid.UUID(int=candidate)
 
+    def is_latest(self, value: uuid.UUID) -> bool:
+        """Whether ``value`` is the last id made, none made or observed since."""
+        return self._last == value.int
+
     def observe(self, version: uuid.UUID) -> None:
         """Never make an id older than ``version``."""
         self._last = max(self._last, version.int)

@@ -22,6 +22,7 @@ from schemas.messages import DEFAULT_NAMESPACE
 from schemas.topology import DEFAULT_PREFIX, DIRECT_REPLY_TO, Names
 
 from .cache import FOLLOW_WAIT, CacheLimits, CacheStats, NearCache
+from .coalesce import Coalescer, Coalescing
 from .connection import Connection
 from .errors import Conflict
 from .ids import LastWrites, MonotonicUuid7
@@ -43,7 +44,10 @@ class StateClient(Writes, Watching):
     its node goes down (``worker.client.failover``).
 
     ``cache=CacheLimits(...)`` (or ``True`` for the defaults) keeps a near cache of the
-    entries read, kept current from the change log (``worker.client.cache``)."""
+    entries read, kept current from the change log (``worker.client.cache``).
+
+    Fire-and-forget writes are coalesced into batches (``worker.client.coalesce``);
+    ``coalesce=Coalescing(...)`` tunes it, ``coalesce=False`` sends one message per write."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class StateClient(Writes, Watching):
         connection_name: str | None = None,
         reply_queue: str | None = None,
         cache: CacheLimits | bool | None = None,
+        coalesce: Coalescing | bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -90,6 +95,16 @@ class StateClient(Writes, Watching):
         )
         self._new_id = MonotonicUuid7()
         self._last_writes = LastWrites(remember)
+        self._coalescer = None
+        if coalesce:
+            self._coalescer = Coalescer(
+                coalesce if isinstance(coalesce, Coalescing) else Coalescing(),
+                self.plugin_id,
+                self._codec,
+                self._new_id,
+                self._send_coalesced,
+                self._last_writes.record,
+            )
         self._cache = None
         if cache:
             self._cache = NearCache(
@@ -113,7 +128,10 @@ class StateClient(Writes, Watching):
             self._cache.start()
 
     async def close(self) -> None:
-        """Close the connection; calls still in flight raise ``NotConnected``."""
+        """Send the writes still gathered for a batch, then close the connection; calls
+        still in flight raise ``NotConnected``."""
+        if self._coalescer is not None:
+            await self._coalescer.flush()
         if self._cache is not None:
             await self._cache.stop()
         await self._wire.close()

@@ -11,15 +11,15 @@ entry, so that reads see it (read-your-writes, ``worker.client.reads``).
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 from msgspec import UnsetType
 
+from schemas import rules
 from schemas.codec import JSON
-from schemas.errors import UnsupportedValue
 from schemas.messages import (
     DEFAULT_NAMESPACE,
     AppliedReply,
@@ -55,7 +55,22 @@ class Writes(ClientCore):
         ``if_absent``: only if the entry has no value (a claim, a marker); either raises
         ``Conflict`` when it does not hold. ``ttl``: the entry expires that long after the
         write was made (a ``timedelta`` or seconds); a set without it makes the entry
-        permanent again. A conditional write waits for its outcome unless ``wait=False``."""
+        permanent again. A conditional write waits for its outcome unless ``wait=False``.
+
+        An unconditional write without ``ttl`` that does not wait is coalesced (unless the
+        client was made with ``coalesce=False``): it is sent in a ``batch`` with the writes
+        made about the same time, and the id returned is that batch's (``coalesce``)."""
+        if (
+            self._coalescer is not None
+            and if_version is None
+            and not if_absent
+            and ttl is None
+            and not wait
+        ):
+            self._coalescer.check(scope, namespace, key)
+            encoded = self._coalescer.encode(value)
+            if encoded is not None:
+                return await self._coalesced(scope, namespace, key, encoded, timeout)
         command = SetCommand(
             id=self._new_id(),
             plugin_id=self.plugin_id,
@@ -84,7 +99,10 @@ class Writes(ClientCore):
     ) -> uuid.UUID:
         """Remove the entry; returns the write's id. With ``if_version``, only if its value
         is still the one that write stored (``Conflict`` otherwise; it then waits for its
-        outcome unless ``wait=False``)."""
+        outcome unless ``wait=False``). Coalesced like ``set``."""
+        if self._coalescer is not None and if_version is None and not wait:
+            self._coalescer.check(scope, namespace, key)
+            return await self._coalesced(scope, namespace, key, None, timeout)
         command = DeleteCommand(
             id=self._new_id(),
             plugin_id=self.plugin_id,
@@ -111,6 +129,36 @@ class Writes(ClientCore):
         values = [op.value for op in ops if isinstance(op, BatchSet)]
         return await self._write(command, entries, values, wait, timeout)
 
+    async def _coalesced(
+        self,
+        scope: Scope,
+        namespace: str,
+        key: str,
+        encoded: tuple[msgspec.Raw, int] | None,
+        timeout: float | None,
+    ) -> uuid.UUID:
+        assert self._coalescer is not None
+        return await self._coalescer.write(
+            scope,
+            namespace,
+            key,
+            encoded,
+            entry_key(scope, namespace, key),
+            self.timeout if timeout is None else timeout,
+        )
+
+    async def _send_coalesced(
+        self, command: SetCommand | DeleteCommand | BatchCommand, timeout: float
+    ) -> None:
+        """Publish a batch the coalescer gathered (``Coalescer``'s ``send``)."""
+        await self._wire.call(
+            self._names.command_key(self.plugin_id),
+            self._codec.encode(command),
+            reply=False,
+            timeout=timeout,
+            write_id=command.id,
+        )
+
     async def _write(
         self,
         command: SetCommand | DeleteCommand | BatchCommand,
@@ -125,7 +173,7 @@ class Writes(ClientCore):
         body = self._codec.encode(command)
         if self._codec.content_type == JSON and b"null" in body:
             # msgspec writes NaN and Infinity as null: refuse rather than store another value.
-            _require_finite(values)
+            rules.check_finite(values)
         reply = await self._wire.call(
             self._names.command_key(self.plugin_id),
             body,
@@ -143,15 +191,3 @@ class Writes(ClientCore):
         for entry in entries:
             self._last_writes.record(entry, command.id)
         return command.id
-
-
-def _require_finite(values: list[Any]) -> None:
-    stack = list(values)
-    while stack:
-        value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UnsupportedValue(f"value holds {value}, which JSON and jsonb cannot hold")
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list | tuple):
-            stack.extend(value)

@@ -1,0 +1,79 @@
+"""Coalesced writes from one client: what the Python client's coalescing buys end to end.
+
+One ``StateClient`` (coalescing on, its defaults) fires ``count`` fire-and-forget sets over
+the bench's entries as fast as it can (``asyncio.gather`` over chunks), at one running
+worker. The clock starts at the first call and stops when the version register holds every
+entry's final id (the id the last set of each entry returned: its batch's), as the other
+throughput phases check. A warm-up write that waits for its ``applied`` reply first makes
+sure the worker is consuming, so start-up is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Final, cast
+
+from schemas.messages import ScopeKind
+from worker.bench.harness import BenchEnv, Process, wait_for
+from worker.bench.report import Rate
+from worker.bench.workload import EntryName, json_value
+from worker.bench.writes import APPLIED_COUNT
+from worker.client import Scope, StateClient
+
+CHUNK: Final = 5000
+"""Calls in flight at once: enough to keep the batches full."""
+_POLL: Final = 0.02
+
+
+async def measure_coalesced(
+    env: BenchEnv,
+    worker: Process,
+    plugin_id: uuid.UUID,
+    count: int,
+    entries: list[EntryName],
+    bar: Callable[..., Any],
+) -> Rate:
+    """Writes per second from one coalescing client, from the first call to the last
+    commit."""
+    rng = random.Random(5)
+    # Made before the clock starts: the phase measures the client and the worker, not this.
+    writes = [(rng.choice(entries), json_value(rng, n)) for n in range(count)]
+    final: dict[EntryName, uuid.UUID] = {}
+    settings = env.settings
+    async with StateClient(
+        settings.amqp_url, plugin_id, prefix=settings.prefix, timeout=60.0
+    ) as client:
+        await client.set(Scope.instance(), "warm-up", True, wait=True)
+        with bar("coalesced writes: publish", total=count) as progress:
+            started = time.perf_counter()
+            for begin in range(0, count, CHUNK):
+                chunk = writes[begin : begin + CHUNK]
+                ids = await asyncio.gather(
+                    *(
+                        client.set(
+                            Scope(cast(ScopeKind, entry.scope_kind), entry.scope_id),
+                            entry.key,
+                            value,
+                        )
+                        for entry, value in chunk
+                    )
+                )
+                final.update(zip((entry for entry, _ in chunk), ids, strict=True))
+                progress.update(len(chunk))
+    versions = list(final.values())
+
+    async def all_applied() -> bool:
+        return bool(await env.pool.fetchval(APPLIED_COUNT, plugin_id, versions) == len(versions))
+
+    finished = await wait_for(
+        all_applied,
+        timeout=60.0 + count / 100,
+        what="the coalesced writes to be applied",
+        interval=_POLL,
+        alive=worker.check_alive,
+    )
+    return Rate(count, finished - started)

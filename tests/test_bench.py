@@ -30,6 +30,7 @@ EVERY_RATIO = (
     "write throughput / direct upserts",
     "write throughput, 20 % conditional / unconditional",
     "write throughput, change log on / off",
+    "coalesced writes from one client / ceiling",
     "cached get p50 / get p50",
     "commit-to-watcher p50 / get p50",
     "commits with NOTIFY / without",

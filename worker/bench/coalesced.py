@@ -21,12 +21,19 @@ from schemas.messages import ScopeKind
 from worker.bench.harness import BenchEnv, Process, wait_for
 from worker.bench.report import Rate
 from worker.bench.workload import EntryName, json_value
-from worker.bench.writes import APPLIED_COUNT
 from worker.client import Scope, StateClient
 
 CHUNK: Final = 5000
 """Calls in flight at once: enough to keep the batches full."""
 _POLL: Final = 0.02
+ENTRIES_AT: Final = """
+SELECT count(*) FROM plugin_state_versions v
+JOIN unnest($2::text[], $3::text[], $4::text[], $5::uuid[])
+    AS f (scope_kind, scope_id, state_key, version)
+  ON v.scope_kind = f.scope_kind AND v.scope_id IS NOT DISTINCT FROM f.scope_id
+ AND v.namespace = 'default' AND v.state_key = f.state_key AND v.version = f.version
+WHERE v.plugin_id = $1
+"""
 
 
 async def measure_coalesced(
@@ -64,10 +71,17 @@ async def measure_coalesced(
                 )
                 final.update(zip((entry for entry, _ in chunk), ids, strict=True))
                 progress.update(len(chunk))
-    versions = list(final.values())
+    # Many entries share one batch's id: each entry is matched on its key and its id.
+    columns = (
+        [e.scope_kind for e in final],
+        [e.scope_id for e in final],
+        [e.key for e in final],
+        list(final.values()),
+    )
 
     async def all_applied() -> bool:
-        return bool(await env.pool.fetchval(APPLIED_COUNT, plugin_id, versions) == len(versions))
+        applied = await env.pool.fetchval(ENTRIES_AT, plugin_id, *columns)
+        return bool(applied == len(final))
 
     finished = await wait_for(
         all_applied,

@@ -8,9 +8,10 @@
    ``partitions`` > 1) the write throughput over 1 and over that many commands partitions;
 5. the write throughput of one fresh worker, which then stays up for the rest:
 6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
-7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
-8. changes: a near-cached ``get``, and commit-to-watcher latency;
-9. memory: its peak so far, then a soak of steady mixed load.
+7. coalesced writes: one coalescing client firing sets as fast as it can at that worker;
+8. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
+9. changes: a near-cached ``get``, and commit-to-watcher latency;
+10. memory: its peak so far, then a soak of steady mixed load.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Final
 from worker.bench.baseline import measure_baseline
 from worker.bench.ceiling import measure_ceiling
 from worker.bench.changes import measure_changes
+from worker.bench.coalesced import measure_coalesced
 from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
 from worker.bench.partitions import measure_partitions
@@ -176,6 +178,9 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             )
             for fraction in LATENCY_FRACTIONS
         ]
+        coalesced = await measure_coalesced(
+            env, worker, await env.add_plugin("coalesced"), sizes.writes, entries, bar
+        )
         reads = await measure_reads(
             env,
             worker,
@@ -219,6 +224,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         variants=variants,
         changes=changes,
         partitions=partitions,
+        coalesced=coalesced,
     )
 
 

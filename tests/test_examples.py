@@ -77,6 +77,18 @@ async def test_the_python_conditions_example_counts_and_claims(
     assert out == "retries 3\nworker-b lost the claim to worker-a\n"
 
 
+async def test_the_python_cache_example_reads_its_writes_through_the_cache(
+    start_worker: StartWorker, settings: Settings, plugin_id: uuid.UUID
+) -> None:
+    await start_worker()
+    out = await _run(
+        sys.executable, str(EXAMPLES / "python" / "cache.py"), str(plugin_id), settings=settings
+    )
+    assert out == (
+        "settings {'theme': 'dark'}\nafter a write {'theme': 'light'}\nfresh {'theme': 'light'}\n"
+    )
+
+
 async def test_the_node_example_publishes_a_write_the_worker_applies(
     start_worker: StartWorker,
     settings: Settings,

@@ -265,9 +265,15 @@ class Variant:
     over this, for a variant that turns something off)."""
     target: str
     inverted: bool = False
+    against: Variant | None = None
+    """The run it is compared with, when not the plain one: the same workload but for the
+    one thing the ratio measures."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"title": self.title, **self.rate.as_json(), "target": self.target}
+        against = None if self.against is None else self.against.as_json()
+        return {"title": self.title, **self.rate.as_json(), "target": self.target} | (
+            {} if against is None else {"against": against}
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,7 +509,10 @@ class BenchReport:
             rows.append(
                 (f"worker, {self.workers} processes", _rate(self.worker_writes_many), "writes/s")
             )
-        rows += [(v.title, _rate(v.rate), "writes/s") for v in self.variants.values()]
+        for variant in self.variants.values():
+            if variant.against is not None:
+                rows.append((variant.against.title, _rate(variant.against.rate), "writes/s"))
+            rows.append((variant.title, _rate(variant.rate), "writes/s"))
         if self.coalesced is not None:
             rows.append(("coalesced writes from one client", _rate(self.coalesced), "writes/s"))
         rows += _partition_rows(self.partitions)
@@ -638,6 +647,8 @@ def _latency_rows(
 
 
 def _variant_ratio(variant: Variant, plain: Rate) -> Ratio:
+    if variant.against is not None:
+        plain = variant.against.rate
     if variant.inverted:
         return Ratio(
             variant.ratio,

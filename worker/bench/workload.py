@@ -88,8 +88,11 @@ class WriteStream:
     entries: list[EntryName]
     seed: int = 0
     conditional_share: float = 0.0
-    """Of the writes, how many are conditional: an ``if_absent`` claim of an entry of its
-    own (applied whatever the order, so the run ends when every final id is stored)."""
+    """Of the writes, how many are claims: a set of an entry of its own, ``if_absent``
+    (applied whatever the order, so the run ends when every final id is stored)."""
+    claims_conditional: bool = True
+    """False: the same claims as plain sets, the same stream otherwise: what the
+    conditions cost, and nothing else, is the difference."""
     bodies: list[bytes] = field(default_factory=list)
     final: dict[EntryName, uuid.UUID] = field(default_factory=dict)
 
@@ -101,7 +104,15 @@ class WriteStream:
             if self.conditional_share and rng.random() < self.conditional_share:
                 claim = EntryName("run", f"C-{n // 8}", f"claim{n}")
                 value = {**json_value(rng, n), "claimed": True}
-                self.bodies.append(set_body(self.plugin_id, write_id, claim, value, if_absent=True))
+                self.bodies.append(
+                    set_body(
+                        self.plugin_id,
+                        write_id,
+                        claim,
+                        value,
+                        if_absent=self.claims_conditional,
+                    )
+                )
                 self.final[claim] = write_id
                 continue
             entry = rng.choice(self.entries)

@@ -98,6 +98,25 @@ class _Batch:
     size: int = 0
     timeout: float = 0.0
     """The longest of its callers' timeouts: the publish's deadline."""
+    expiry: asyncio.TimerHandle | None = None
+    """Fails the batch's callers if, against every bound, it was neither confirmed nor
+    refused in time."""
+
+    def expire(self, bound: float) -> None:
+        if not self.done.done():
+            self.done.set_exception(
+                RequestTimeout(f"no publisher confirm within {bound}s for batch {self.id}")
+            )
+
+    def settle(self, failure: BaseException | None = None) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        if self.done.done():
+            return
+        if failure is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(failure)
 
     def command(self, plugin_id: uuid.UUID) -> WriteCommand:
         """One op goes as the plain write it is; more as a ``batch``."""
@@ -204,17 +223,14 @@ class Coalescer:
             self._seal()
         if self._sender is None:
             self._sender = asyncio.create_task(self._run(), name="state-client-coalesce")
-        # The batch's publish has the caller's deadline, counted from when it is sent (after
-        # the batch in flight, itself bounded likewise) and ends in a confirm or an error:
-        # this bound is only a safety net.
-        bound = 2 * timeout + _SAFETY_MARGIN
-        try:
-            async with asyncio.timeout(bound):
-                await asyncio.shield(batch.done)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"no publisher confirm within {bound}s for batch {batch.id}"
-            ) from None
+        if batch.expiry is None:
+            # The batch's publish has the caller's deadline, counted from when it is sent
+            # (after the batch in flight, itself bounded likewise) and ends in a confirm or
+            # an error: this bound is only a safety net, one timer for the whole batch (a
+            # timer per caller was a sixth of a coalesced write's cost).
+            bound = 2 * timeout + _SAFETY_MARGIN
+            batch.expiry = asyncio.get_running_loop().call_later(bound, batch.expire, bound)
+        await asyncio.shield(batch.done)
         return batch.id
 
     async def flush(self) -> None:
@@ -264,20 +280,18 @@ class Coalescer:
             await self._send(batch.command(self._plugin_id), batch.timeout)
         except (ClientError, StateError) as exc:
             # Every caller of the batch learns that its write was refused.
-            batch.done.set_exception(exc)
+            batch.settle(exc)
             return
         except BaseException as exc:
-            batch.done.set_exception(NotConnected(f"the batch was not sent: {exc!r}"))
+            batch.settle(NotConnected(f"the batch was not sent: {exc!r}"))
             raise
         self.batches_sent += 1
         for entry in batch.entries:
             self._confirmed(entry, batch.id)
-        batch.done.set_result(None)
+        batch.settle()
 
     def _fail_rest(self) -> None:
         """The sender was cancelled (the loop is closing): nothing left will be sent."""
         self._seal()
         while self._sealed:
-            batch = self._sealed.popleft()
-            if not batch.done.done():
-                batch.done.set_exception(NotConnected("the client stopped before sending"))
+            self._sealed.popleft().settle(NotConnected("the client stopped before sending"))

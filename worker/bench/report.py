@@ -361,7 +361,12 @@ class BenchReport:
             rates.append(
                 Throughput(f"worker, {self.workers} processes", self.worker_writes_many, "worker")
             )
-        rates += [Throughput(v.title, v.rate, "worker") for v in self.variants.values()]
+        for variant in self.variants.values():
+            if variant.against is not None:
+                rates.append(Throughput(variant.against.title, variant.against.rate, "worker"))
+            rates.append(Throughput(variant.title, variant.rate, "worker"))
+        if self.coalesced is not None:
+            rates.append(Throughput("coalesced writes from one client", self.coalesced, "worker"))
         return rates
 
     def latency_curves(self) -> list[LatencyCurve]:

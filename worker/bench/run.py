@@ -8,7 +8,8 @@
    ``partitions`` > 1) the write throughput over 1 and over that many commands partitions;
 5. the write throughput of one fresh worker, which then stays up for the rest:
 6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
-7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
+7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many`` (and,
+   before step 5, with a fresh worker of its own: ``get`` beside a saturated write flood);
 8. changes: a near-cached ``get``, and commit-to-watcher latency;
 9. memory: its peak so far, then a soak of steady mixed load.
 """
@@ -26,14 +27,18 @@ from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
 from worker.bench.partitions import measure_partitions
 from worker.bench.peers import measure_direct, measure_faststream
-from worker.bench.reads import measure_reads
+from worker.bench.reads import measure_get_beside_flood, measure_reads
 from worker.bench.report import DIRECT, FASTSTREAM, BenchReport, Rate, Variant
 from worker.bench.workload import WriteStream, entry_names
-from worker.bench.writes import measure_latency, measure_throughput
+from worker.bench.writes import measure_latency, measure_throughput, paced_count
 from worker.config import Settings
 
 LATENCY_FRACTIONS: Final = (0.1, 0.25, 0.5)
 """The paced rates of the latency phases, as fractions of the measured maximum."""
+FLOOD_MARGIN: Final = 1.5
+"""The flood under the reads holds this many times what the fastest worker run so far
+applies during the measurement and a second more (start-up, the warm-up), so that it
+lasts through it."""
 _WRITES_SEED: Final = 4
 """The worker's write stream; the peers get its first ``peer_writes`` writes (the same
 operations on the same entries with the same values, for plugins of their own)."""
@@ -161,6 +166,15 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             ),
         }
 
+        fastest = max(variant.rate.per_second for variant in variants.values())
+        flood = WriteStream(
+            await env.add_plugin("flood"),
+            paced_count(fastest * FLOOD_MARGIN, sizes.read_seconds + 1),
+            entries,
+            seed=7,
+        )
+        get_beside_flood = await measure_get_beside_flood(env, flood, sizes.read_seconds, bar)
+
         plugin = await env.add_plugin("writes")
         stream = WriteStream(plugin, sizes.writes, entries, _WRITES_SEED)
         run = await measure_throughput(env, stream, 1, bar)
@@ -215,6 +229,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         write_latency=tuple(latency),
         peers=peers,
         reads=reads,
+        get_beside_flood=get_beside_flood,
         memory=memory,
         variants=variants,
         changes=changes,

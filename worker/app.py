@@ -170,6 +170,7 @@ class Worker:
                 self.metrics,
                 retry_initial=settings.retry_initial_seconds,
                 retry_max=settings.retry_max_seconds,
+                priority=priority,
             )
             await self.relay.start()
         if "writes" in settings.roles:

@@ -10,6 +10,7 @@ import aio_pika
 import asyncpg
 
 from worker.config import Settings
+from worker.priority import ReadsFirst
 from worker.topology import declare
 
 from .conftest import StartWorker
@@ -67,3 +68,22 @@ async def test_gets_are_answered_while_a_write_backlog_is_still_being_applied(
         return ("issue", "ISS-1", "default", "last") in await state_of(db, plugin_id)
 
     await wait_until(backlog_applied, timeout=120, what="the backlog to be applied")
+
+
+async def test_the_write_path_waits_while_reads_are_held() -> None:
+    priority = ReadsFirst(most_wait=60)
+    priority.arrived(2)
+    turn = asyncio.ensure_future(priority.writes_turn())
+    priority.served()
+    await asyncio.sleep(0)
+    assert not turn.done()
+    priority.served()
+    await turn
+
+
+async def test_the_write_path_never_waits_for_reads_longer_than_its_bound() -> None:
+    priority = ReadsFirst(most_wait=0.01)
+    priority.arrived()
+    # A read that is never served: the write path goes on all the same.
+    await priority.writes_turn()
+    await priority.writes_turn()

@@ -8,10 +8,10 @@
    ``partitions`` > 1) the write throughput over 1 and over that many commands partitions;
 5. the write throughput of one fresh worker, which then stays up for the rest:
 6. its publish-to-commit latency at each of ``LATENCY_FRACTIONS`` of the rate it just reached;
-7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many`` (and,
-   before step 5, with a fresh worker of its own: ``get`` beside a saturated write flood);
+7. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
 8. changes: a near-cached ``get``, and commit-to-watcher latency;
-9. memory: its peak so far, then a soak of steady mixed load.
+9. memory: its peak so far, then a soak of steady mixed load;
+10. with a fresh worker of its own: ``get`` beside a saturated write flood.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from worker.config import Settings
 LATENCY_FRACTIONS: Final = (0.1, 0.25, 0.5)
 """The paced rates of the latency phases, as fractions of the measured maximum."""
 FLOOD_MARGIN: Final = 1.5
-"""The flood under the reads holds this many times what the fastest worker run so far
-applies during the measurement and a second more (start-up, the warm-up), so that it
-lasts through it."""
+"""The flood under the reads holds this many times what the fastest worker run applies
+during the measurement and a second more (start-up, the warm-up), so that it lasts
+through it."""
 _WRITES_SEED: Final = 4
 """The worker's write stream; the peers get its first ``peer_writes`` writes (the same
 operations on the same entries with the same values, for plugins of their own)."""
@@ -166,15 +166,6 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             ),
         }
 
-        fastest = max(variant.rate.per_second for variant in variants.values())
-        flood = WriteStream(
-            await env.add_plugin("flood"),
-            paced_count(fastest * FLOOD_MARGIN, sizes.read_seconds + 1),
-            entries,
-            seed=7,
-        )
-        get_beside_flood = await measure_get_beside_flood(env, flood, sizes.read_seconds, bar)
-
         plugin = await env.add_plugin("writes")
         stream = WriteStream(plugin, sizes.writes, entries, _WRITES_SEED)
         run = await measure_throughput(env, stream, 1, bar)
@@ -215,6 +206,16 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             bar,
         )
         await env.stop(worker)
+        # Last, with a fresh worker (no other may answer the reads), so that what the flood
+        # leaves behind (the relay's outbox, dead tuples) disturbs no other phase.
+        fastest = max(run.rate.per_second, *(v.rate.per_second for v in variants.values()))
+        flood = WriteStream(
+            await env.add_plugin("flood"),
+            paced_count(fastest * FLOOD_MARGIN, sizes.read_seconds + 1),
+            entries,
+            seed=7,
+        )
+        get_beside_flood = await measure_get_beside_flood(env, flood, sizes.read_seconds, bar)
     return BenchReport(
         name=env.settings.prefix,
         sizes=asdict(sizes),

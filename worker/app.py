@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import socket
 import time
@@ -177,11 +176,6 @@ class Worker:
             await self.consumer.start()
         if "reads" in settings.roles:
             await self.rpc.start()
-        # What start-up made lives as long as the process: out of the collector's way, so
-        # that a full collection scans only what came after (it halved those pauses, which
-        # hold up the reads, from 30-40 ms to mostly 13-17 ms under a write flood).
-        gc.collect()
-        gc.freeze()
         log.info("worker_started", prefix=settings.prefix, roles=sorted(settings.roles))
 
     async def _connect(self) -> None:

@@ -35,6 +35,7 @@ EVERY_RATIO = (
     "commit-to-watcher p50 / get p50",
     "commits with NOTIFY / without",
     "get p50 / raw RPC round trip p50",
+    "get p99 beside a write flood / idle get p99",
     "get throughput / RPC ceiling",
     "peak RSS (MB)",
     "soak RSS drift (MB)",
@@ -124,6 +125,9 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     report = json.loads(report_path.read_text())
     assert set(report["ratios"]) == set(EVERY_RATIO)
     assert set(report["reads"]) == {"rpc_ceiling", "raw_select", "worker_get", "worker_get_many"}
+    flood = report["get_beside_flood"]
+    assert flood["latency"]["count"] > 0 and flood["flood_writes"] > 0
+    assert len(flood["latency"]["quantiles_ms"]) == len(report["quantiles"])
     assert report["worker_writes_many"] is not None
     check_partitions(report["partitions"], result.output)
     figures = numbers({k: v for k, v in report.items() if k != "sizes"})

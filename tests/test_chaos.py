@@ -150,5 +150,5 @@ async def test_closing_the_workers_broker_connections_mid_stream(
     for process in fleet.processes:
         closed += await close_connections(f":{process.pid}:")
     await publishing
-    assert closed == WORKERS
+    assert closed == 2 * WORKERS  # each worker's write path's and read path's
     await settle(fleet, stream, db, amqp, started, f"{closed} broker connections closed")

@@ -219,14 +219,15 @@ async def test_a_hostile_soak_through_two_workers_leaves_them_standing(
     try:
         async with RawRpc(settings.amqp_url, settings.prefix) as rpc:
             await wait_until(lambda: answering(rpc, plugin_id), what="the workers to serve")
-            assert [await connections_of(pid) for pid in pids] == [1, 1]
+            # Each worker's write path's connection and its read path's.
+            assert [await connections_of(pid) for pid in pids] == [2, 2]
             soak = Soak(amqp, rpc, settings.prefix, plugin_id, victim.name, hostile)
             good = await soak.run(SOAK_SECONDS)
             print(f"soak: {good} good writes, hostile {dict(soak.sent)}")
             await soak.settle(db)
         await soak.check_dead_letters()
         assert all(w.poll() is None for w in workers), "a worker stopped"
-        assert [await connections_of(pid) for pid in pids] == [1, 1], "a worker reconnected"
+        assert [await connections_of(pid) for pid in pids] == [2, 2], "a worker reconnected"
         rss = [peak_rss(pid) for pid in pids]
         print(f"soak: peak RSS {[f'{r / 1e6:.0f} MB' for r in rss]}")
         assert max(rss) < RSS_BOUND

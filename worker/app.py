@@ -31,6 +31,7 @@ from worker.health import HealthServer
 from worker.intake import ReadIntake, WriteIntake
 from worker.metrics import Metrics
 from worker.plugins import PluginDirectory
+from worker.priority import ReadsFirst
 from worker.publish import Publisher
 from worker.quota import Quota
 from worker.relay import Relay
@@ -59,9 +60,11 @@ class Worker:
         self.stopping = asyncio.Event()
         self.store: Store | None = None
         self.connection: AbstractRobustConnection | None = None
+        self.read_connection: AbstractRobustConnection | None = None
         self.consumer: CommandConsumer | None = None
         self.rpc: RpcServer | None = None
         self.channels: list[AbstractChannel] = []
+        self.read_channels: list[AbstractChannel] = []
         self.wakeups = Wakeups()
         self.notices: CommitNotices | None = None
         self.relay: Relay | None = None
@@ -83,6 +86,7 @@ class Worker:
         await self.health.start()
         await self._connect()
         assert self.connection is not None and self.store is not None
+        assert self.read_connection is not None
         # One channel per consumer, so each has its own prefetch and its own delivery tags
         # (the write path acks with `multiple`); replies and dead letters on their own.
         # Each subscription sets its channel's prefetch (worker.broker.Subscription).
@@ -96,7 +100,6 @@ class Worker:
         commands_channel = await self.connection.channel()
         # One more channel per further commands queue (partitions, worker.topology).
         partition_channels = [await self.connection.channel() for _ in topology.command_queues[1:]]
-        rpc_channel = await self.connection.channel()
         confirm_channel = await self.connection.channel(publisher_confirms=True)
         reply_channel = await self.connection.channel(publisher_confirms=False)
         notices_channel = await self.connection.channel(publisher_confirms=False)
@@ -105,7 +108,6 @@ class Worker:
         self.channels = [
             commands_channel,
             *partition_channels,
-            rpc_channel,
             notices_channel,
             relay_channel,
             reply_channel,
@@ -113,11 +115,19 @@ class Worker:
         ]
         names = Names(settings.prefix)
         publisher = Publisher(reply_channel, confirm_channel, names.dead)
+        # The read path on a connection of its own (see _connect): its requests, replies
+        # and dead letters.
+        rpc_channel = await self.read_connection.channel()
+        read_reply_channel = await self.read_connection.channel(publisher_confirms=False)
+        read_confirm_channel = await self.read_connection.channel(publisher_confirms=True)
+        self.read_channels = [rpc_channel, read_reply_channel, read_confirm_channel]
+        read_publisher = Publisher(read_reply_channel, read_confirm_channel, names.dead)
         self.notices = CommitNotices(notices_channel, settings.prefix, self.instance, self.wakeups)
         await self.notices.start()
         plugins = PluginDirectory(self.store, settings.plugin_cache_seconds)
         authorizer = Authorizer.from_settings(settings)
         rules = Rules.from_settings(settings)
+        priority = ReadsFirst()
         self.consumer = CommandConsumer(
             settings=settings,
             channel=commands_channel,
@@ -136,6 +146,7 @@ class Worker:
             queues=list(
                 zip([commands_channel, *partition_channels], topology.command_queues, strict=True)
             ),
+            priority=priority,
         )
         self.rpc = RpcServer(
             settings=settings,
@@ -143,10 +154,11 @@ class Worker:
             intake=ReadIntake(names, rules, authorizer),
             store=self.store,
             plugins=plugins,
-            publisher=publisher,
+            publisher=read_publisher,
             metrics=self.metrics,
             wakeups=self.wakeups,
             clock=self.clock,
+            priority=priority,
         )
         if settings.changes and "relay" in settings.roles:
             self.relay = Relay(
@@ -157,6 +169,7 @@ class Worker:
                 self.metrics,
                 retry_initial=settings.retry_initial_seconds,
                 retry_max=settings.retry_max_seconds,
+                priority=priority,
             )
             await self.relay.start()
         if "writes" in settings.roles:
@@ -186,18 +199,30 @@ class Worker:
             self.store = Store(pool)
             self.database_ok = True
 
-        async def rabbitmq() -> None:
-            self.connection = await self._until_up(
+        def broker(name: str) -> Awaitable[AbstractRobustConnection]:
+            return self._until_up(
                 "rabbitmq",
                 # Any live node of the broker's, and another when that one goes down.
                 lambda: failover.connect(
                     settings.amqp_urls,
-                    connection_name=self.connection_name,
+                    connection_name=name,
                     retry_initial=settings.retry_initial_seconds,
                     retry_max=settings.retry_max_seconds,
                 ),
                 lambda exc: diagnosis.broker_failure(exc, settings.amqp_url),
             )
+
+        async def rabbitmq() -> None:
+            self.connection = await broker(self.connection_name)
+            # The read path gets a connection of its own: aiormq hands a connection's frames
+            # to its channels in order, through small buffers, so on a shared one a read
+            # request waits behind every write delivery the broker sent before it (up to
+            # the prefetch: seconds' worth of writes when the queue is full). A worker
+            # that only reads has nothing to wait behind.
+            if settings.roles == {"reads"}:
+                self.read_connection = self.connection
+            else:
+                self.read_connection = await broker(f"{self.connection_name} reads")
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -243,7 +268,10 @@ class Worker:
     def readiness(self) -> dict[str, bool]:
         """What /readyz reports: ready only when every value is true."""
         roles = self.settings.roles
-        broker = self.connection is not None and self.connection.connected.is_set()
+        broker = all(
+            connection is not None and connection.connected.is_set()
+            for connection in (self.connection, self.read_connection)
+        )
         paused = self.consumer is not None and self.consumer.paused
         self.metrics.connected.labels(service="rabbitmq").set(broker)
         self.metrics.connected.labels(service="postgres").set(self.database_ok)
@@ -277,11 +305,13 @@ class Worker:
             await self.notices.stop()
         # Each channel is closed with a handshake, so the broker has taken every ack sent
         # on it before the connection goes.
-        for channel in self.channels:
+        for channel in [*self.read_channels, *self.channels]:
             try:
                 await channel.close()
             except BROKER_FAILURES as exc:
                 log.info("channel_close_failed", error=repr(exc))
+        if self.read_connection not in (None, self.connection):
+            await self.read_connection.close()
         if self.connection is not None:
             await self.connection.close()
         if self.store is not None:

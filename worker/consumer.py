@@ -48,6 +48,7 @@ from worker.intake import ReceivedWrite, WriteIntake
 from worker.metrics import Metrics
 from worker.model import Conflict, EntryKey, Write
 from worker.plugins import PluginDirectory
+from worker.priority import ReadsFirst
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES
 from worker.topology import Names
@@ -84,6 +85,7 @@ class CommandConsumer:
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[Sequence[EntryKey]], None] = lambda _changed: None,
         queues: Sequence[tuple[AbstractRobustChannel, str]] = (),
+        priority: ReadsFirst | None = None,
     ) -> None:
         """``queues``: every commands queue with a channel of its own (the partitions,
         ``worker.topology``); by default, the single commands queue on ``channel``."""
@@ -100,6 +102,7 @@ class CommandConsumer:
         self.metrics = metrics
         self.clock = clock
         self.on_commit = on_commit
+        self.priority = priority or ReadsFirst()
         self._inbox: asyncio.Queue[Delivery | object] = asyncio.Queue()
         self._batches: asyncio.Queue[list[Delivery] | None] = asyncio.Queue(1)
         self._applying = 0
@@ -237,6 +240,7 @@ class CommandConsumer:
             received, results = await self._apply_batch(batch)
             if previous is not None:
                 await previous
+            await self.priority.writes_turn()
             await self._settle(received, results)
         finally:
             self._applying -= 1
@@ -249,7 +253,7 @@ class CommandConsumer:
         for position, message in enumerate(batch):
             received.append(self.intake.receive(message))
             if position % _SLICE == _SLICE - 1:
-                await asyncio.sleep(0)
+                await self.priority.writes_turn()
         wanted = {plugin for r in received for plugin in r.plugins()}
         owners = await self._until_done(lambda: self.plugins.owners(wanted)) if wanted else {}
         now_ms = int(self.clock() * 1000)
@@ -265,11 +269,12 @@ class CommandConsumer:
                 writes.append(admitted)
                 positions.append(position)
             if position % _SLICE == _SLICE - 1:
-                await asyncio.sleep(0)
+                await self.priority.writes_turn()
         if writes:
             started = time.perf_counter()
             bounds = self.settings.transaction_max_ops, self.settings.transaction_max_bytes
             for group in transactions(writes, *bounds):
+                await self.priority.writes_turn()
                 self.metrics.transaction_ops.observe(sum(len(writes[i].entries) for i in group))
                 outcomes = await self._apply_group([writes[i] for i in group])
                 for index, outcome in zip(group, outcomes, strict=True):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from typing import Final
+from typing import Any, Final
 
 import aio_pika
 import aio_pika.exceptions
@@ -43,6 +43,7 @@ from schemas.topology import Names
 from worker.broker import BROKER_FAILURES
 from worker.changes import split_items
 from worker.metrics import Metrics
+from worker.priority import ReadsFirst
 from worker.store import DATABASE_FAILURES, RELAY_LOCK, FeedRow, Store
 from worker.wakeups import Listener
 
@@ -64,6 +65,8 @@ _POLL_SECONDS: Final = 1.0
 _TAKE_OVER_SECONDS: Final = 1.0
 """How often a worker that found the relay busy elsewhere tries again."""
 _CONFIRM_TIMEOUT: Final = 10.0
+_SLICE: Final = 64
+"""Publishes started between two yields to the event loop."""
 
 
 class Relay:
@@ -79,6 +82,7 @@ class Relay:
         *,
         retry_initial: float = 0.5,
         retry_max: float = 10.0,
+        priority: ReadsFirst | None = None,
     ) -> None:
         self.store = store
         self.channel = channel
@@ -87,6 +91,7 @@ class Relay:
         self.metrics = metrics
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.priority = priority or ReadsFirst()
         self._exchange: AbstractExchange | None = None
         self._after: uuid.UUID | None = None
         """Where the next round starts in plugin order (None: from the first)."""
@@ -159,23 +164,35 @@ class Relay:
         channel = await self.channel.get_underlay_channel()
         assert self._exchange is not None
         exchange = self._exchange.name
-        async with asyncio.timeout(_CONFIRM_TIMEOUT):
-            confirms = await asyncio.gather(
-                *(
-                    channel.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=self.names.change_key(plugin),
-                        properties=Basic.Properties(
-                            content_type="application/json",
-                            delivery_mode=DeliveryMode.PERSISTENT.value,
-                            message_id=f"{plugin}:{position}",
-                            message_type="change",
-                        ),
-                    )
-                    for plugin, position, body in items
-                )
-            )
+        publishes: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout(_CONFIRM_TIMEOUT):
+                # Started a slice at a time: a round of thousands of changes started at once
+                # would hold the event loop (and the reads waiting on it) for tens of ms.
+                for start in range(0, len(items), _SLICE):
+                    publishes += [
+                        asyncio.ensure_future(
+                            channel.basic_publish(
+                                body,
+                                exchange=exchange,
+                                routing_key=self.names.change_key(plugin),
+                                properties=Basic.Properties(
+                                    content_type="application/json",
+                                    delivery_mode=DeliveryMode.PERSISTENT.value,
+                                    message_id=f"{plugin}:{position}",
+                                    message_type="change",
+                                ),
+                            )
+                        )
+                        for plugin, position, body in items[start : start + _SLICE]
+                    ]
+                    await self.priority.writes_turn()
+                confirms = await asyncio.gather(*publishes)
+        except BaseException:
+            for publish in publishes:
+                publish.cancel()
+            await asyncio.gather(*publishes, return_exceptions=True)
+            raise
         refused = sum(not isinstance(confirm, Basic.Ack) for confirm in confirms)
         if refused:
             raise FeedRefused(f"the broker refused {refused} of {len(items)} changes")

@@ -57,6 +57,7 @@ from worker.intake import ReadCall, ReadIntake, classified
 from worker.metrics import Metrics
 from worker.model import EntryKey
 from worker.plugins import PluginDirectory
+from worker.priority import ReadsFirst
 from worker.publish import Publisher
 from worker.store import DATABASE_FAILURES, Found, LogPage, Store
 from worker.topology import rpc_queue_name
@@ -90,6 +91,7 @@ class RpcServer:
         metrics: Metrics,
         wakeups: Wakeups,
         clock: Callable[[], float] = time.time,
+        priority: ReadsFirst | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
@@ -111,6 +113,7 @@ class RpcServer:
         self.metrics = metrics
         self.wakeups = wakeups.listener()
         self.clock = clock
+        self.priority = priority or ReadsFirst()
         self.max_reply = settings.max_reply_bytes
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._waiting: dict[uuid.UUID, list[ReadCall]] = {}
@@ -150,6 +153,7 @@ class RpcServer:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self.acks.received(delivery)
+        self.priority.arrived()
         self._inbox.put_nowait(delivery)
 
     # ------------------------------------------------------------------ serving
@@ -167,7 +171,10 @@ class RpcServer:
                     stopping = True
                     break
                 burst.append(nxt)
-            await self._serve_burst(burst)  # type: ignore[arg-type]
+            try:
+                await self._serve_burst(burst)  # type: ignore[arg-type]
+            finally:
+                self.priority.served(len(burst))
             if stopping:
                 return
 

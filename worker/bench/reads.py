@@ -1,10 +1,15 @@
-"""Reads: one client loop against the RPC ceiling, the raw round trip and the worker.
+"""Reads: one client loop against the RPC ceiling, the raw round trip and the worker, and
+the worker's ``get`` beside a saturated write flood.
 
 The client is the same for every server: one connection and channel (no publisher
 confirms: a read is not persistent), replies on RabbitMQ direct reply-to, JSON bodies
 encoded before the clock starts, ``user_id`` set. ``concurrency`` callers each send a
 request and wait for its reply, in a loop, for a fixed time after a short warm-up; at
 concurrency 1 that gives the latency, at the high concurrency the throughput.
+
+Beside a flood, a fresh worker starts on a commands queue pre-filled with more writes than
+it can apply during the measurement, and one caller reads back to back while it applies
+them; the report compares that ``get`` p99 with the idle one.
 """
 
 from __future__ import annotations
@@ -27,17 +32,18 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
-from worker.bench.harness import APPLICATION_NAME, BenchEnv, Process
+from worker.bench.harness import APPLICATION_NAME, BenchEnv, Process, wait_for
 from worker.bench.report import (
     RAW_SELECT,
     RPC_CEILING,
     WORKER_GET,
     WORKER_GET_MANY,
+    FloodReads,
     Latency,
     Rate,
     ReadFigures,
 )
-from worker.bench.workload import EntryName, get_body, get_many_body
+from worker.bench.workload import EntryName, WriteStream, get_body, get_many_body
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 CALL_TIMEOUT: Final = 10.0
@@ -159,8 +165,7 @@ async def measure_server(
     bar: Callable[..., Any],
 ) -> ReadFigures:
     """Latency at concurrency 1, then throughput at ``concurrency``, each after a warm-up."""
-    warm_up = min(1.0, seconds / 5)
-    await closed_loop(client, routing_key, bodies, concurrency, warm_up)
+    await closed_loop(client, routing_key, bodies, concurrency, _warm_up(seconds))
     with bar(f"reads: {label} c=1", unit="call") as progress:
         alone = await closed_loop(client, routing_key, bodies, 1, seconds, progress)
     with bar(f"reads: {label} c={concurrency}", unit="call") as progress:
@@ -173,6 +178,11 @@ async def measure_server(
         errors=alone.errors + loaded.errors,
         cpu_per_call=cpu / max(1, len(loaded.latencies)),
     )
+
+
+def _warm_up(seconds: float) -> float:
+    """Calls made before a measurement of ``seconds``, not counted."""
+    return min(1.0, seconds / 5)
 
 
 async def _reference_server(env: BenchEnv, kind: str) -> tuple[Process, str]:
@@ -236,3 +246,39 @@ async def measure_reads(
             bar,
         )
     return figures
+
+
+async def measure_get_beside_flood(
+    env: BenchEnv, flood: WriteStream, seconds: float, bar: Callable[..., Any]
+) -> FloodReads:
+    """``get`` at concurrency 1 for ``seconds`` while a fresh worker applies ``flood``,
+    pre-filled before it started (reading the flood's own entries); then the worker is
+    stopped and what is left of the flood purged, so that no later phase sees it. No
+    other worker may run: they would answer the reads too."""
+    queue = env.names.commands_queue
+    total = len(flood.bodies)
+    with bar("flood: publish", total=total) as progress:
+        await env.publish_all(env.names.command_key(flood.plugin_id), flood.bodies, progress)
+    gets = [get_body(flood.plugin_id, entry) for entry in flood.entries]
+    async with RpcClient(env) as client:
+        worker = await env.spawn_worker("worker-flood")
+
+        async def applying() -> bool:
+            return (await env.queue_counts(queue))[0] < total
+
+        await wait_for(
+            applying,
+            timeout=60,
+            what="the worker to start on the flood",
+            interval=0.005,
+            alive=worker.check_alive,
+        )
+        routing_key = env.names.rpc_key(flood.plugin_id)
+        # As for the idle figure: the worker's first calls prepare its statements.
+        await closed_loop(client, routing_key, gets, 1, _warm_up(seconds))
+        with bar("reads: worker get beside a write flood c=1", unit="call") as progress:
+            beside = await closed_loop(client, routing_key, gets, 1, seconds, progress)
+        left = (await env.queue_counts(queue))[0]
+    await env.stop(worker)
+    await (await env.channel.declare_queue(queue, passive=True)).purge()
+    return FloodReads(Latency.of(beside.latencies), total, left, beside.errors)

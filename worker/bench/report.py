@@ -128,6 +128,33 @@ class ReadFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class FloodReads:
+    """The worker's ``get`` at concurrency 1 while its write path is saturated by a
+    pre-filled commands queue."""
+
+    latency: Latency
+    flood_writes: int
+    """Writes pre-filled before the worker started."""
+    backlog_left: int
+    """Writes still ready in the queue when the last call was answered: 0 means the flood
+    ran out during the measurement, and the write path was not saturated throughout."""
+    errors: int
+
+    @property
+    def saturated(self) -> bool:
+        return self.backlog_left > 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "latency": self.latency.as_json(),
+            "flood_writes": self.flood_writes,
+            "backlog_left": self.backlog_left,
+            "saturated": self.saturated,
+            "errors": self.errors,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class MemoryFigures:
     """The worker's resident memory (bytes) from /proc/<pid>/status."""
 
@@ -338,6 +365,7 @@ class BenchReport:
     """Publish-to-commit through the worker at one or more paced rates, the lowest first."""
     peers: dict[str, PeerFigures]
     reads: dict[str, ReadFigures]
+    get_beside_flood: FloodReads
     memory: MemoryFigures
     variants: dict[str, Variant]
     changes: ChangeFigures
@@ -386,6 +414,9 @@ class BenchReport:
         return {
             "worker get, idle (one caller)": self.reads[WORKER_GET].latency,
             "raw RPC round trip (one indexed SELECT), idle": self.reads[RAW_SELECT].latency,
+            "worker get beside a saturated write flood (one caller)": (
+                self.get_beside_flood.latency
+            ),
             (
                 f"worker get during the soak ({self.sizes['soak_read_concurrency']} callers, "
                 "beside writes at half the maximum)"
@@ -460,6 +491,13 @@ class BenchReport:
                 get.latency.p50_ms / raw.latency.p50_ms,
                 "<= 1.3",
                 f"{get.latency.p50_ms:.2f} ms / {raw.latency.p50_ms:.2f} ms",
+            ),
+            Ratio(
+                "get p99 beside a write flood / idle get p99",
+                self.get_beside_flood.latency.p99_ms / get.latency.p99_ms,
+                "<= 5",
+                f"{self.get_beside_flood.latency.p99_ms:.2f} ms / {get.latency.p99_ms:.2f} ms"
+                + ("" if self.get_beside_flood.saturated else ", the flood ran out: not saturated"),
             ),
             Ratio(
                 "get throughput / RPC ceiling",
@@ -544,6 +582,16 @@ class BenchReport:
                     "us",
                 )
             )
+        flood = self.get_beside_flood
+        ran_out = "" if flood.saturated else " (the flood ran out)"
+        errors = f" ({flood.errors} errors)" if flood.errors else ""
+        rows.append(
+            (
+                f"worker get beside a saturated write flood: c=1{ran_out}{errors}",
+                f"p50 {flood.latency.p50_ms:.2f}  p99 {flood.latency.p99_ms:.2f}",
+                "ms",
+            )
+        )
         changes = self.changes
         rows += [
             ("CHANGES", "", ""),
@@ -610,6 +658,7 @@ class BenchReport:
             "write_latency": [point.as_json() for point in self.write_latency],
             "peers": {key: peer.as_json() for key, peer in self.peers.items()},
             "reads": {key: figures.as_json() for key, figures in self.reads.items()},
+            "get_beside_flood": self.get_beside_flood.as_json(),
             "memory": self.memory.as_json(),
             "variants": {key: variant.as_json() for key, variant in self.variants.items()},
             "changes": self.changes.as_json(),

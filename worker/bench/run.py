@@ -11,7 +11,8 @@
 7. coalesced writes: one coalescing client firing sets as fast as it can at that worker;
 8. reads: the RPC ceiling, the raw round trip, then its ``get`` and ``get_many``;
 9. changes: a near-cached ``get``, and commit-to-watcher latency;
-10. memory: its peak so far, then a soak of steady mixed load.
+10. memory: its peak so far, then a soak of steady mixed load;
+11. with a fresh worker of its own: ``get`` beside a saturated write flood.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
 from worker.bench.partitions import measure_partitions
 from worker.bench.peers import measure_direct, measure_faststream
-from worker.bench.reads import measure_reads
+from worker.bench.reads import measure_get_beside_flood, measure_reads
 from worker.bench.report import DIRECT, FASTSTREAM, BenchReport, Rate, Variant
 from worker.bench.workload import WriteStream, entry_names
-from worker.bench.writes import measure_latency, measure_throughput
+from worker.bench.writes import measure_latency, measure_throughput, paced_count
 from worker.config import Settings
 
 LATENCY_FRACTIONS: Final = (0.1, 0.25, 0.5)
 """The paced rates of the latency phases, as fractions of the measured maximum."""
+FLOOD_MARGIN: Final = 1.5
+"""The flood under the reads holds this many times what the fastest worker run applies
+during the measurement and a second more (start-up, the warm-up), so that it lasts
+through it."""
 _WRITES_SEED: Final = 4
 """The worker's write stream; the peers get its first ``peer_writes`` writes (the same
 operations on the same entries with the same values, for plugins of their own)."""
@@ -214,6 +219,16 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             bar,
         )
         await env.stop(worker)
+        # Last, with a fresh worker (no other may answer the reads), so that what the flood
+        # leaves behind (the relay's outbox, dead tuples) disturbs no other phase.
+        fastest = max(run.rate.per_second, *(v.rate.per_second for v in variants.values()))
+        flood = WriteStream(
+            await env.add_plugin("flood"),
+            paced_count(fastest * FLOOD_MARGIN, sizes.read_seconds + 1),
+            entries,
+            seed=7,
+        )
+        get_beside_flood = await measure_get_beside_flood(env, flood, sizes.read_seconds, bar)
     return BenchReport(
         name=env.settings.prefix,
         sizes=asdict(sizes),
@@ -228,6 +243,7 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
         write_latency=tuple(latency),
         peers=peers,
         reads=reads,
+        get_beside_flood=get_beside_flood,
         memory=memory,
         variants=variants,
         changes=changes,

@@ -1,0 +1,89 @@
+"""Reads are served while the write path is saturated: a `get` does not wait for a backlog
+of writes to be applied (docs/performance.md, "Reads beside a write flood")."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+import asyncpg
+
+from worker.config import Settings
+from worker.priority import ReadsFirst
+from worker.topology import declare
+
+from .conftest import StartWorker
+from .helpers import publish, set_cmd, state_of, wait_until
+from .rpc import RawRpc
+
+BACKLOG = 10_000
+"""Writes queued before the worker starts: seconds of work for it."""
+GETS = 20
+"""Reads made back to back while the backlog is being applied."""
+_PUBLISH_WINDOW = 500
+
+
+async def test_gets_are_answered_while_a_write_backlog_is_still_being_applied(
+    start_worker: StartWorker,
+    settings: Settings,
+    amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
+    plugin_id: uuid.UUID,
+    prefix: str,
+) -> None:
+    await declare(amqp, settings)
+    await publish(amqp, prefix, plugin_id, set_cmd(plugin_id, "read-me", "here"))
+    backlog = [set_cmd(plugin_id, f"k{n % 500}", n) for n in range(BACKLOG - 1)]
+    # Last in the queue: once it is applied, the whole backlog is.
+    backlog.append(set_cmd(plugin_id, "last", True))
+    for start in range(0, BACKLOG, _PUBLISH_WINDOW):
+        await asyncio.gather(
+            *(
+                publish(amqp, prefix, plugin_id, command)
+                for command in backlog[start : start + _PUBLISH_WINDOW]
+            )
+        )
+    await start_worker()
+
+    async def first_write_applied() -> bool:
+        return bool(
+            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id = $1", plugin_id)
+        )
+
+    await wait_until(first_write_applied, what="the worker to start applying the backlog")
+
+    get = {"op": "get", "plugin_id": str(plugin_id), "scope_kind": "issue", "scope_id": "ISS-1"}
+    async with RawRpc(settings.amqp_url, prefix) as rpc:
+        for _ in range(GETS):
+            reply = await rpc.call(plugin_id, {**get, "key": "read-me"}, timeout=30)
+            assert reply["found"] is True and reply["value"] == "here"
+
+    state = await state_of(db, plugin_id)
+    assert ("issue", "ISS-1", "default", "last") not in state, (
+        "the backlog was applied before the reads were answered"
+    )
+
+    async def backlog_applied() -> bool:
+        return ("issue", "ISS-1", "default", "last") in await state_of(db, plugin_id)
+
+    await wait_until(backlog_applied, timeout=120, what="the backlog to be applied")
+
+
+async def test_the_write_path_waits_while_reads_are_held() -> None:
+    priority = ReadsFirst(most_wait=60)
+    priority.arrived(2)
+    turn = asyncio.ensure_future(priority.writes_turn())
+    priority.served()
+    await asyncio.sleep(0)
+    assert not turn.done()
+    priority.served()
+    await turn
+
+
+async def test_the_write_path_never_waits_for_reads_longer_than_its_bound() -> None:
+    priority = ReadsFirst(most_wait=0.01)
+    priority.arrived()
+    # A read that is never served: the write path goes on all the same.
+    await priority.writes_turn()
+    await priority.writes_turn()

@@ -279,7 +279,15 @@ async def test_a_worker_holds_back_when_the_bodies_it_holds_pass_the_byte_limit(
             return not consumer.subscription.consuming
 
         await wait_until(held_back, what="the consumer to step back")
-        # The first wave is what the broker had sent before the cancel reached it.
+        commands_queue = Names(settings.prefix).commands_queue
+
+        async def first_wave_arrived() -> bool:
+            # What the broker had sent before the cancel reached it is still on its way:
+            # every one of the 40 is either received or ready again in the queue.
+            queue = await amqp.declare_queue(commands_queue, passive=True)
+            return consumer.received + (queue.declaration_result.message_count or 0) == 40
+
+        await wait_until(first_wave_arrived, what="the deliveries in flight at the cancel")
         first_wave = consumer.received
         print(f"held {consumer.subscription.held_bytes} bytes of a {limit} limit")
         for command in commands[40:]:

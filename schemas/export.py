@@ -21,8 +21,10 @@ from schemas.errors import ErrorCode
 from schemas.messages import ChangeItem, ReadRequest, Reply, WriteCommand
 from schemas.topology import (
     COMMANDS_QUEUE_TYPE,
+    CONSISTENT_HASH_EXCHANGE_TYPE,
     DEAD_QUEUE_TYPE,
     DEFAULT_AMQP_URL,
+    HASH_PROPERTY,
     RPC_QUEUE_TYPE,
     Names,
 )
@@ -425,7 +427,13 @@ def asyncapi() -> dict[str, Any]:
             "title": "Commands queue",
             "description": f"Bound to `{names.command_key('*')}`; workers compete for it. "
             f"Dead-letters to `{names.dead}` after the delivery limit; rejects publishes "
-            "past its length limit (publishers' confirms are nacked).",
+            "past its length limit (publishers' confirms are nacked). A deployment may "
+            "partition it (protocol §2; publishers see no difference): the exchange then "
+            f"passes `{names.command_key('*')}` to the consistent-hash exchange "
+            f"`{names.commands_hash}` (type `{CONSISTENT_HASH_EXCHANGE_TYPE}`, hashing the "
+            f"`{HASH_PROPERTY}` property, which a publisher should set to the write's id), "
+            f"which spreads writes over the quorum queues `{names.commands_partition(0)}` "
+            "… `.N-1`; a write without it still reaches one of them.",
             "messages": _channel_messages(WRITES),
             "bindings": _queue(names.commands_queue, COMMANDS_QUEUE_TYPE),
         },

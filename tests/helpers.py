@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
@@ -21,6 +22,14 @@ from worker.auth import Authorizer, Caller
 PUBLISHER = "guest"
 """The RabbitMQ user the tests connect as; the session fixture sets it from the URL. Test
 workers trust it, and test messages carry it as their broker-validated ``user_id``."""
+
+
+def through(url: str, port: int) -> str:
+    """``url`` (a Postgres URL), to 127.0.0.1:``port`` instead: through a proxy or a pooler
+    of the test's own, as the same user."""
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
 
 
 def free_port() -> int:

@@ -17,12 +17,12 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from .helpers import free_port, wait_until
+from .helpers import free_port, through, wait_until
 
 CONFIG = """\
 [databases]
@@ -52,9 +52,7 @@ class Bouncer:
 
     def url(self, database_url: str) -> str:
         """``database_url``, through this PgBouncer."""
-        parts = urlsplit(database_url)
-        user = f"{parts.username}@" if parts.username else ""
-        return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{self.port}"))
+        return through(database_url, self.port)
 
 
 @contextlib.asynccontextmanager

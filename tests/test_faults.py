@@ -23,16 +23,10 @@ from worker.topology import Names, declare
 
 from .broker import close_connections, require_rabbitmqctl
 from .conftest import StartWorker
-from .helpers import wait_until
+from .helpers import through, wait_until
 from .processes import spawn_worker, wait_exit
 from .proxy import TcpProxy
 from .streams import Stream
-
-
-def through(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    user = f"{parts.username}@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
 
 
 @pytest.fixture

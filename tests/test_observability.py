@@ -20,10 +20,9 @@ from worker.config import Settings
 
 from .cli import refused_port
 from .conftest import StartWorker
-from .helpers import publish, set_cmd, state_of, wait_until
+from .helpers import publish, set_cmd, state_of, through, wait_until
 from .proxy import TcpProxy
 from .rpc import RawRpc
-from .test_faults import through
 
 
 async def http_get(worker: Worker, path: str) -> tuple[int, str]:

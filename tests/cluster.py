@@ -12,8 +12,9 @@ Configuration (``cluster_node``), as an operator would set up three nodes:
 ``cluster_partition_handling = pause_minority``, ``net_ticktime`` 10 s (a silent peer is
 noticed within seconds, not a minute), a 1 GiB memory high watermark per node (three nodes
 share the machine with everything else), a low disk free limit, guest on loopback only,
-and the plugins (``rabbitmq_consistent_hash_exchange``) in each node's own enabled-plugins
-file.
+and the plugins (``rabbitmq_consistent_hash_exchange``, and ``rabbitmq_management`` on a
+loopback port of each node's own, which the bench's per-node figures read) in each node's
+own enabled-plugins file.
 
 Ports. The nodes' own ports come from ``PortReservations``: random, bindable, below the
 ephemeral range, never the machine broker's, and locked in a directory every run shares,
@@ -61,7 +62,7 @@ from .cluster_node import Node, cli_env, start_watchdog
 from .helpers import wait_until
 
 SIZE = 3
-PLUGINS = ("rabbitmq_consistent_hash_exchange",)
+PLUGINS = ("rabbitmq_consistent_hash_exchange", "rabbitmq_management")
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 CLI_TIMEOUT = 60.0
@@ -93,6 +94,7 @@ class RabbitCluster:
                     self.root / f"node{index}",
                     self.ports.reserve(),
                     self.ports.reserve(),
+                    self.ports.reserve(),
                 )
                 for index in range(1, size + 1)
             )
@@ -111,6 +113,10 @@ class RabbitCluster:
     @property
     def urls(self) -> list[str]:
         return [self.url(node) for node in self._nodes]
+
+    def management_url(self, node: str) -> str:
+        """The node's management API (which reports on the whole cluster)."""
+        return f"http://127.0.0.1:{self._nodes[node].management_port}/"
 
     def url(self, node: str) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.network.amqp_port(node)}/"
@@ -155,6 +161,20 @@ class RabbitCluster:
             return set((await self.cluster_status(node))["running_nodes"])
         except ClusterError:
             return set()
+
+    async def paused(self, node: str) -> bool:
+        """Whether ``node`` runs but has paused (``pause_minority`` on the losing side of a
+        partition): its VM answers the CLI, its RabbitMQ application does not run."""
+        try:
+            answer = await self.rabbitmqctl(node, "eval", "rabbit:is_running().")
+        except ClusterError:
+            return False
+        return answer.strip() == "false"
+
+    async def wait_paused(self, node: str, *, timeout: float = BOOT_TIMEOUT) -> None:
+        await wait_until(
+            lambda: self.paused(node), timeout, f"{node} to pause (pause_minority)", CLI_INTERVAL
+        )
 
     async def wait_running(
         self, nodes: Iterable[str] | None = None, *, timeout: float = BOOT_TIMEOUT

@@ -65,6 +65,7 @@ class Node:
     directory: Path
     amqp_port: int  # what the node listens on; clients use its proxy
     distribution_port: int
+    management_port: int  # the management API (rabbitmq_management), on loopback
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -86,6 +87,11 @@ class Node:
             f"disk_free_limit.absolute = {DISK_FREE_LIMIT}\n"
             "log.console = false\n"
             "log.file.level = info\n"
+            + (  # a plugin's settings are refused unless it is enabled
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+                if "rabbitmq_management" in plugins
+                else ""
+            )
         )
         (self.directory / "advanced.config").write_text(
             f"[{{kernel, [{{net_ticktime, {NET_TICKTIME_SECONDS}}}]}}].\n"

@@ -8,12 +8,15 @@ import asyncio
 import json
 import math
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import asyncpg
 import click
+import click.testing
+import pytest
 from click.testing import CliRunner
 
 from worker.bench import plots
@@ -21,6 +24,7 @@ from worker.bench.command import register
 from worker.bench.harness import NAME_PREFIX
 from worker.config import Settings
 
+from .cluster import RabbitCluster
 from .services import ServiceUrls
 
 EVERY_RATIO = (
@@ -40,6 +44,9 @@ EVERY_RATIO = (
     "peak RSS (MB)",
     "soak RSS drift (MB)",
 )
+
+
+SMALL_RUN = ("bench", "--small", "--workers", "2", "--partitions", "3")
 
 
 def console() -> click.Group:
@@ -71,7 +78,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def check_partitions(partitions: dict[str, Any], output: str) -> None:
     """1 and 3 partitions side by side; on a broker without the consistent-hash exchange
-    the partitioned run says so instead."""
+    the partitioned run says so instead. Per-node figures, or why there are none."""
     print(f"partitions: {partitions}")
     assert partitions["single"]["count"] > 0
     if partitions["partitioned"] is None:
@@ -79,6 +86,18 @@ def check_partitions(partitions: dict[str, Any], output: str) -> None:
         assert "3 partitions" in output and "skipped" in output
     else:
         assert partitions["partitioned"]["count"] > 0
+    if partitions["nodes_skipped"] is not None:
+        assert "management" in partitions["nodes_skipped"]
+        assert "per-node figures" in output
+        return
+    for run in ("single", "partitioned"):
+        shares = partitions[f"{run}_nodes"]
+        if partitions[run] is None:
+            continue
+        assert shares, f"per-node figures of the {run} run"
+        assert sum(share["writes"] for share in shares) == partitions[run]["count"]
+        for share in shares:
+            assert share["node"] in output
 
 
 async def bench_databases(admin_url: str) -> list[str]:
@@ -92,37 +111,32 @@ async def bench_databases(admin_url: str) -> list[str]:
     return [row["datname"] for row in rows]
 
 
+async def run_small_bench(settings: Settings, *flags: str) -> tuple[click.testing.Result, Any]:
+    """``bench --small --workers 2 --partitions 3 --json FILE FLAGS``: its output and JSON."""
+    with tempfile.TemporaryDirectory() as directory:
+        report_path = Path(directory) / "bench.json"
+        result = await asyncio.to_thread(
+            CliRunner().invoke,
+            console(),
+            [*SMALL_RUN, "--json", str(report_path), *flags],
+            obj=settings,
+        )
+        assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+        return result, json.loads(report_path.read_text())
+
+
 async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     services: ServiceUrls, tmp_path: Path
 ) -> None:
     settings = Settings(database_url=services.admin_database_url, amqp_url=services.amqp_url)
-    report_path = tmp_path / "bench.json"
     charts = tmp_path / "charts"
 
-    result = await asyncio.to_thread(
-        CliRunner().invoke,
-        console(),
-        [
-            "bench",
-            "--small",
-            "--workers",
-            "2",
-            "--partitions",
-            "3",
-            "--json",
-            str(report_path),
-            "--plot",
-            str(charts),
-        ],
-        obj=settings,
-    )
+    result, report = await run_small_bench(settings, "--plot", str(charts))
 
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     for ratio in EVERY_RATIO:
         assert ratio in result.output
     for section in ("WRITES", "READS", "CHANGES", "MEMORY", "RATIOS"):
         assert section in result.output
-    report = json.loads(report_path.read_text())
     assert set(report["ratios"]) == set(EVERY_RATIO)
     assert set(report["reads"]) == {"rpc_ceiling", "raw_select", "worker_get", "worker_get_many"}
     flood = report["get_beside_flood"]
@@ -173,3 +187,27 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
             pass
         else:
             raise AssertionError("the bench left its commands queue behind")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(600)
+async def test_bench_on_the_test_cluster_reports_each_nodes_part(
+    services: ServiceUrls, rabbit_cluster: RabbitCluster
+) -> None:
+    """On the test-owned 3-node cluster, the workers given every node: each partition is led
+    by a node of its own, and the per-node figures say so."""
+    settings = Settings(
+        database_url=services.admin_database_url, amqp_url=",".join(rabbit_cluster.urls)
+    )
+    management = rabbit_cluster.management_url(rabbit_cluster.nodes[0])
+    result, report = await run_small_bench(settings, "--management-url", management)
+    print(result.output)
+    partitions = report["partitions"]
+    check_partitions(partitions, result.output)
+    assert partitions["nodes_skipped"] is None
+    shares = partitions["partitioned_nodes"]
+    assert sorted(share["node"] for share in shares) == sorted(rabbit_cluster.nodes)
+    led = [name for share in shares for name in share["led"] if name[-1].isdigit()]
+    assert len(led) == 3, "every partition is led by one node"
+    assert sum(1 for share in shares if share["led"]) >= 2, "leaders spread over the nodes"
+    assert sum(share["worker_connections"] for share in shares) >= 2

@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from .cluster import ClusterError, RabbitCluster
+from .cluster import RabbitCluster
 from .conftest import unique
 from .helpers import wait_until
 
@@ -210,14 +210,7 @@ async def test_a_cut_off_node_pauses_and_comes_back_without_losing_confirmed_mes
     await cluster.partition(cut)
     await cluster.wait_running(majority, timeout=FAILOVER_TIMEOUT)
 
-    async def paused() -> bool:
-        try:
-            answer = await cluster.rabbitmqctl(cut, "eval", "rabbit:is_running().")
-        except ClusterError:
-            return False
-        return answer.strip() == "false"
-
-    await wait_until(paused, FAILOVER_TIMEOUT, f"{cut} to pause (pause_minority)")
+    await cluster.wait_paused(cut, timeout=FAILOVER_TIMEOUT)
     print(
         f"cut {cut} (leader) off: {majority} report it down and it paused "
         f"after {time.monotonic() - started:.1f}s"

@@ -1,7 +1,8 @@
 """Partitioned commands queues and a quorum rpc queue on the test-owned 3-node cluster
 (``tests/cluster.py``): the partitions' leaders spread over the nodes, publishers see one
 exchange, a command without ``message_id`` still arrives, changing the number of partitions
-loses nothing, and writes and reads go on while the node leading a partition is killed.
+loses nothing, writes and reads go on while the node leading a partition is killed, and a
+node cut off by a network partition under writes heals without loss.
 
 Each test prints what it did and what it found (``pytest -s``). The number of writes is
 ``PLUGIN_STATE_CLUSTER_MESSAGES`` (200 in CI; ``make cluster-test`` runs more).
@@ -329,21 +330,113 @@ class Writes:
         return {key: value for key, (_, value) in versions.items()}
 
 
+def node_of(cluster: RabbitCluster, worker: Worker) -> str:
+    """The node a running worker's connection is on."""
+    assert worker.connection is not None
+    address = worker.connection.node  # type: ignore[attr-defined]
+    return next(n for n in cluster.nodes if cluster.url(n).endswith(f"{address}/"))
+
+
+@dataclass
+class Chaos:
+    """Workers (one per settings), two publishers and a reader, all running until closed;
+    ``check_end`` settles the run and checks what every chaos test must find."""
+
+    cluster: RabbitCluster
+    workers: list[Worker]
+    writes: Writes
+    reader: Reader
+    started: float = field(default_factory=time.monotonic)
+    _serving: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop_reading: asyncio.Event = field(default_factory=asyncio.Event)
+    _reading: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls,
+        cluster: RabbitCluster,
+        worker_settings: list[Settings],
+        plugin_id: uuid.UUID,
+        *,
+        publishers_at: int | None = 0,
+        reader_at: int | None = 2,
+    ) -> Chaos:
+        """Publishers on nodes ``publishers_at`` and the next, the reader on ``reader_at``
+        (``None``: the node the first worker connected to)."""
+        workers = [Worker(settings) for settings in worker_settings]
+        for worker in workers:
+            await worker.start()
+        first = cluster.nodes.index(node_of(cluster, workers[0]))
+        prefix = worker_settings[0].prefix
+        publishers = [
+            Publisher(
+                Failover(cluster, (first if publishers_at is None else publishers_at) + i), prefix
+            )
+            for i in range(2)
+        ]
+        reader = Reader(
+            Failover(cluster, first if reader_at is None else reader_at), prefix, plugin_id
+        )
+        chaos = cls(cluster, workers, Writes(publishers, plugin_id), reader)
+        chaos._serving = [asyncio.create_task(worker.serve()) for worker in workers]
+        chaos._reading = asyncio.create_task(chaos.reader.run(chaos._stop_reading))
+        return chaos
+
+    async def check_end(self, db: asyncpg.Pool, names: Names) -> None:
+        """The rest of the writes; then the state equals the model of every confirmed write,
+        every worker consumes again, the reads' longest gap is bounded, nothing is dead."""
+        publishers = self.writes.publishers
+        await self.writes.publish(MESSAGES)
+        model = self.writes.model()
+        print(
+            f"{sum(p.published for p in publishers)} writes confirmed by 2 publishers "
+            f"({sum(p.retries for p in publishers)} publishes retried on another node)"
+        )
+
+        async def converged() -> bool:
+            state = await state_of(db, self.writes.plugin_id)
+            return {k[3]: v for k, v in state.items()} == model
+
+        await wait_until(converged, FAILOVER_TIMEOUT, "the state to equal the model")
+        print(f"final state equals the model: {len(model)} entries, each its newest write")
+
+        async def all_consuming() -> bool:
+            return all(w.consumer is not None and w.consumer.consuming for w in self.workers)
+
+        await wait_until(all_consuming, FAILOVER_TIMEOUT, "every worker consuming again")
+        self._stop_reading.set()
+        assert self._reading is not None
+        await asyncio.wait_for(self._reading, 10)
+        gap = self.reader.longest_gap(self.started)
+        print(
+            f"reads answered: {len(self.reader.answered)}, failed and retried: "
+            f"{self.reader.failed}, longest gap {gap:.1f}s; every worker consuming again"
+        )
+        assert gap < READ_GAP_BOUND
+        dead = await dead_letters(self.cluster.urls[0], names)
+        print(f"dead letters: {dead}")
+        assert dead == 0
+
+    async def close(self) -> None:
+        self._stop_reading.set()
+        for worker in self.workers:
+            worker.request_stop()
+        await asyncio.wait_for(asyncio.gather(*self._serving, return_exceptions=True), 60)
+        for publisher in self.writes.publishers:
+            await publisher.close()
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+
+
 async def test_writes_and_reads_go_on_while_partition_leaders_are_killed(
     cluster: RabbitCluster, on_cluster: Settings, db: asyncpg.Pool, plugin_id: uuid.UUID
 ) -> None:
     settings = on_cluster
     names = Names(settings.prefix)
-    workers = [Worker(settings.with_changes(amqp_url=url)) for url in cluster.urls]
-    for worker in workers:
-        await worker.start()
-    serving = [asyncio.create_task(worker.serve()) for worker in workers]
-    publishers = [Publisher(Failover(cluster, i), settings.prefix) for i in range(2)]
-    writes = Writes(publishers, plugin_id)
-    reader = Reader(Failover(cluster, 2), settings.prefix, plugin_id)
-    stop_reading = asyncio.Event()
-    started = time.monotonic()
-    reading = asyncio.create_task(reader.run(stop_reading))
+    chaos = await Chaos.start(
+        cluster, [settings.with_changes(amqp_url=url) for url in cluster.urls], plugin_id
+    )
+    writes = chaos.writes
 
     async def kill_and_restart(node: str) -> float:
         began = time.monotonic()
@@ -365,44 +458,56 @@ async def test_writes_and_reads_go_on_while_partition_leaders_are_killed(
             f"killed {second} (leading a partition; the rpc queue's leader was {rpc_leader}) "
             f"under writes; back after {took:.1f}s"
         )
-        await writes.publish(MESSAGES)  # the rest
-        model = writes.model()
-        print(
-            f"{sum(p.published for p in publishers)} writes confirmed by 2 publishers "
-            f"({sum(p.retries for p in publishers)} publishes retried on another node)"
-        )
-
-        async def converged() -> bool:
-            state = await state_of(db, plugin_id)
-            return {k[3]: v for k, v in state.items()} == model
-
-        await wait_until(converged, FAILOVER_TIMEOUT, "the state to equal the model")
-        print(f"final state equals the model: {len(model)} entries, each its newest write")
-
-        async def all_consuming() -> bool:
-            return all(w.consumer is not None and w.consumer.consuming for w in workers)
-
-        await wait_until(all_consuming, FAILOVER_TIMEOUT, "every worker consuming again")
-        stop_reading.set()
-        await asyncio.wait_for(reading, 10)
-        gap = reader.longest_gap(started)
-        print(
-            f"reads answered: {len(reader.answered)}, failed and retried: {reader.failed}, "
-            f"longest gap {gap:.1f}s; every worker consuming every partition again"
-        )
-        assert gap < READ_GAP_BOUND
-        dead = await dead_letters(cluster.urls[0], names)
-        print(f"dead letters: {dead}")
-        assert dead == 0
+        await chaos.check_end(db, names)
     finally:
-        stop_reading.set()
-        for worker in workers:
-            worker.request_stop()
-        await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 60)
-        for p in publishers:
-            await p.close()
-        if not reading.done():
-            reading.cancel()
+        await chaos.close()
+
+
+async def test_a_node_cut_off_by_a_network_partition_under_writes_heals_without_loss(
+    cluster: RabbitCluster, on_cluster: Settings, db: asyncpg.Pool, plugin_id: uuid.UUID
+) -> None:
+    """Three workers, each given every node; the node of the first worker (every node leads a
+    partition) is cut off from its peers and from every client by the test's proxies while
+    two publishers and a reader (both starting on that node) go on, then healed."""
+    settings = on_cluster.with_changes(amqp_url=",".join(cluster.urls))
+    names = Names(settings.prefix)
+    chaos = await Chaos.start(
+        cluster, [settings] * 3, plugin_id, publishers_at=None, reader_at=None
+    )
+    writes = chaos.writes
+    try:
+        cut = node_of(cluster, chaos.workers[0])
+        on_cut = [w for w in chaos.workers if node_of(cluster, w) == cut]
+        await writes.publish(MESSAGES // 4)
+        led = [
+            i
+            for i in range(PARTITIONS)
+            if await cluster.leader_of(names.commands_partition(i)) == cut
+        ]
+        began = time.monotonic()
+        await cluster.partition(cut)
+        await asyncio.gather(
+            cluster.wait_paused(cut, timeout=FAILOVER_TIMEOUT), writes.publish(MESSAGES // 4)
+        )
+        print(
+            f"cut {cut} off ({len(on_cut)} of 3 workers on it, leading partitions {led}): it "
+            f"paused after {time.monotonic() - began:.1f}s while writes went on"
+        )
+        await writes.publish(MESSAGES // 8)  # with the node away
+        began = time.monotonic()
+        await cluster.heal(cut)
+        await asyncio.gather(
+            cluster.wait_running(timeout=FAILOVER_TIMEOUT), writes.publish(MESSAGES // 8)
+        )
+        statuses = [await cluster.cluster_status(node) for node in cluster.nodes]
+        print(f"healed: 3 nodes running together after {time.monotonic() - began:.1f}s")
+        assert all(not status["partitions"] for status in statuses)
+        await chaos.check_end(db, names)
+        moved = [node_of(cluster, w) for w in on_cut]
+        print(f"the workers on {cut} moved to {moved}")
+        assert cut not in moved
+    finally:
+        await chaos.close()
 
 
 async def read_latencies(settings: Settings, plugin_id: uuid.UUID, count: int) -> list[float]:

@@ -59,7 +59,7 @@ async def _cached_gets(
     bar: Callable[..., Any],
 ) -> tuple[Latency, float]:
     """The latency of ``get`` with a near cache, once every entry was read; its hit rate."""
-    url, prefix = env.settings.amqp_url, env.settings.prefix
+    url, prefix = env.amqp_url, env.settings.prefix
     names = [(Scope(e.scope_kind, e.scope_id), e.key) for e in entries[:_CACHED_ENTRIES]]  # type: ignore[arg-type]
     async with StateClient(url, plugin_id, prefix=prefix, cache=True, remember=0) as cached:
         await _until_live(cached)
@@ -83,7 +83,7 @@ async def _commit_to_watcher(
     env: BenchEnv, plugin_id: uuid.UUID, seconds: float, bar: Callable[..., Any]
 ) -> Latency:
     """Commit-to-watcher latency of paced writes to ``plugin_id`` (see the module)."""
-    url, prefix = env.settings.amqp_url, env.settings.prefix
+    url, prefix = env.amqp_url, env.settings.prefix
     commits: list[float] = []
     listener = await env.connection.channel()
     notices = await listener.declare_exchange(

@@ -51,9 +51,7 @@ async def measure_coalesced(
     writes = [(rng.choice(entries), json_value(rng, n)) for n in range(count)]
     final: dict[EntryName, uuid.UUID] = {}
     settings = env.settings
-    async with StateClient(
-        settings.amqp_url, plugin_id, prefix=settings.prefix, timeout=60.0
-    ) as client:
+    async with StateClient(env.amqp_url, plugin_id, prefix=settings.prefix, timeout=60.0) as client:
         await client.set(Scope.instance(), "warm-up", True, wait=True)
         with bar("coalesced writes: publish", total=count) as progress:
             started = time.perf_counter()

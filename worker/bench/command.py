@@ -43,6 +43,11 @@ from worker.loop import run_async
     type=click.IntRange(min=1, max=MAX_COMMAND_PARTITIONS),
     help="Also compare write throughput over 1 and N commands partitions [1: not run].",
 )
+@click.option(
+    "--management-url",
+    help="RabbitMQ's management API, for the per-node figures of --partitions "
+    "[http://<first broker host>:15672/].",
+)
 @click.option("--latency-seconds", type=click.FloatRange(min=0.1), help="Latency phase [10].")
 @click.option("--read-seconds", type=click.FloatRange(min=0.1), help="Each read measurement [5].")
 @click.option(
@@ -77,6 +82,7 @@ def bench(
     json_path: Path | None,
     plot_dir: Path | None,
     progress: bool | None,
+    management_url: str | None,
     **flags: Any,
 ) -> None:
     """Measure the worker against raw RabbitMQ, a naive consumer, a FastStream subscriber,
@@ -90,7 +96,9 @@ def bench(
         _require_extra("matplotlib", "--plot")
     sizes = sizes_with(SMALL if small else Sizes(), **flags)
     try:
-        report = run_async(_run_until_terminated(settings, sizes, new_progress(progress)))
+        report = run_async(
+            _run_until_terminated(settings, sizes, new_progress(progress), management_url)
+        )
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     except asyncio.CancelledError:
@@ -114,7 +122,7 @@ def _require_extra(module: str, what: str) -> None:
 
 
 async def _run_until_terminated(
-    settings: Settings, sizes: Sizes, bar: Callable[..., Any]
+    settings: Settings, sizes: Sizes, bar: Callable[..., Any], management_url: str | None
 ) -> BenchReport:
     """SIGTERM cancels the run as Ctrl-C does, so that it still removes its database, its
     queues and its processes on the way out."""
@@ -123,7 +131,7 @@ async def _run_until_terminated(
     # Signal handlers exist only in the main thread (not when a test runs the command).
     with contextlib.suppress(ValueError, RuntimeError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run_bench(settings, sizes, bar)
+    return await run_bench(settings, sizes, bar, management_url)
 
 
 def register(main: click.Group) -> None:

@@ -169,6 +169,12 @@ class BenchEnv:
         return Names(self.settings.prefix)
 
     @property
+    def amqp_url(self) -> str:
+        """The broker URL of the bench's own connections and reference servers: the first of
+        a list (its workers get the whole list, and spread over the nodes)."""
+        return self.settings.amqp_urls[0]
+
+    @property
     def pool(self) -> asyncpg.Pool:
         return self.store.pool
 
@@ -297,7 +303,8 @@ async def bench_env(settings: Settings) -> AsyncIterator[BenchEnv]:
     name = f"{NAME_PREFIX}{uuid.uuid4().hex[:10]}"
     database_url = _with_path(settings.database_url, name)
     admin_url = _with_path(settings.database_url, "postgres")
-    user_id = urlsplit(settings.amqp_url).username or "guest"
+    amqp_url = settings.amqp_urls[0]
+    user_id = urlsplit(amqp_url).username or "guest"
     bench_settings = settings.with_changes(
         database_url=database_url, prefix=name, trusted_users=frozenset({user_id})
     )
@@ -314,7 +321,7 @@ async def bench_env(settings: Settings) -> AsyncIterator[BenchEnv]:
             store = Store(pool)
             try:
                 connection = await aio_pika.connect(
-                    settings.amqp_url, client_properties={"connection_name": APPLICATION_NAME}
+                    amqp_url, client_properties={"connection_name": APPLICATION_NAME}
                 )
                 async with connection:
                     channel = await connection.channel(
@@ -336,7 +343,7 @@ async def bench_env(settings: Settings) -> AsyncIterator[BenchEnv]:
                     finally:
                         for process in list(env.processes):
                             await process.stop()
-                        await _delete_topology(settings.amqp_url, env)
+                        await _delete_topology(amqp_url, env)
             finally:
                 await store.close()
         finally:

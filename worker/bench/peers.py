@@ -105,7 +105,7 @@ async def _start_subscriber(env: BenchEnv, name: str, count: int) -> tuple[Proce
         [
             "-m",
             "worker.bench.subscriber",
-            settings.amqp_url,
+            env.amqp_url,
             env.bench_queue_name(_QUEUE),
             settings.database_url,
             str(count),

@@ -63,7 +63,7 @@ class RpcClient:
 
     async def __aenter__(self) -> Self:
         self._connection = await aio_pika.connect(
-            self.env.settings.amqp_url,
+            self.env.amqp_url,
             client_properties={"connection_name": f"{APPLICATION_NAME} rpc client"},
         )
         channel: AbstractChannel = await self._connection.channel(publisher_confirms=False)
@@ -194,7 +194,7 @@ async def _reference_server(env: BenchEnv, kind: str) -> tuple[Process, str]:
             "-m",
             "worker.bench.servers",
             kind,
-            env.settings.amqp_url,
+            env.amqp_url,
             queue.name,
             env.settings.database_url,
         ],

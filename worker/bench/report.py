@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 MB: Final = 1024 * 1024
@@ -304,6 +304,30 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeShare:
+    """One node's part in one write run."""
+
+    node: str
+    led: tuple[str, ...]
+    """The run's commands queues this node led."""
+    writes: int
+    """The run's writes routed to those queues."""
+    per_second: float
+    worker_connections: int
+    memory_bytes: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "led": list(self.led),
+            "writes": self.writes,
+            "per_second": self.per_second,
+            "worker_connections": self.worker_connections,
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class PartitionFigures:
     """Write throughput of the same workers over 1 and over N commands partitions."""
 
@@ -313,6 +337,11 @@ class PartitionFigures:
     partitioned: Rate | None
     skipped: str | None = None
     """Why the partitioned run did not happen."""
+    single_nodes: list[NodeShare] = field(default_factory=list)
+    """The cluster's per-node figures of each run (``worker.bench.nodes``)."""
+    partitioned_nodes: list[NodeShare] = field(default_factory=list)
+    nodes_skipped: str | None = None
+    """Why there are no per-node figures."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -321,6 +350,9 @@ class PartitionFigures:
             "single": self.single.as_json(),
             "partitioned": None if self.partitioned is None else self.partitioned.as_json(),
             "skipped": self.skipped,
+            "single_nodes": [share.as_json() for share in self.single_nodes],
+            "partitioned_nodes": [share.as_json() for share in self.partitioned_nodes],
+            "nodes_skipped": self.nodes_skipped,
         }
 
 
@@ -731,9 +763,36 @@ def _partition_rows(figures: PartitionFigures | None) -> list[tuple[str, str, st
         return []
     workers = f"worker, {figures.processes} processes"
     rows = [(f"{workers}, 1 commands queue", _rate(figures.single), "writes/s")]
+    rows += _node_rows(figures.single_nodes)
     title = f"{workers}, {figures.partitions} partitions"
     if figures.partitioned is None:
         rows.append((title, f"skipped: {figures.skipped}", ""))
     else:
         rows.append((title, _rate(figures.partitioned), "writes/s"))
+        rows += _node_rows(figures.partitioned_nodes)
+    if figures.nodes_skipped is not None:
+        rows.append(("  per-node figures", f"none: {figures.nodes_skipped}", ""))
+    return rows
+
+
+def _queue_label(name: str) -> str:
+    """``<prefix>.commands`` or ``<prefix>.commands.<n>``: the commands queue, partition n."""
+    partition = name.rpartition(".commands")[2].lstrip(".")
+    return f"partition {partition}" if partition else "the commands queue"
+
+
+def _node_rows(shares: list[NodeShare]) -> list[tuple[str, str, str]]:
+    """A node's share of a run: the queues it led, and the writes that went through them."""
+    total = sum(share.writes for share in shares) or 1
+    rows = []
+    for share in shares:
+        led = ", ".join(_queue_label(name) for name in share.led)
+        rows.append(
+            (
+                f"  {share.node}: leads {led or 'none'}; {share.worker_connections} worker "
+                f"connections, {share.memory_bytes / 1e6:,.0f} MB",
+                f"{share.writes:,} ({share.writes / total:.0%}) {share.per_second:,.0f}",
+                "writes/s",
+            )
+        )
     return rows

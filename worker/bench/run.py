@@ -27,6 +27,7 @@ from worker.bench.changes import measure_changes
 from worker.bench.coalesced import measure_coalesced
 from worker.bench.harness import BenchEnv, bench_env
 from worker.bench.memory import soak
+from worker.bench.nodes import Management, default_management_url
 from worker.bench.partitions import measure_partitions
 from worker.bench.peers import measure_direct, measure_faststream
 from worker.bench.reads import measure_get_beside_flood, measure_reads
@@ -99,7 +100,14 @@ def sizes_with(base: Sizes, **changes: Any) -> Sizes:
     return replace(base, **{name: value for name, value in changes.items() if value is not None})
 
 
-async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -> BenchReport:
+async def run_bench(
+    settings: Settings,
+    sizes: Sizes,
+    bar: Callable[..., Any],
+    management_url: str | None = None,
+) -> BenchReport:
+    """Every phase; ``management_url``: RabbitMQ's management API, for the per-node figures
+    of ``--partitions`` (by default port 15672 of the first broker URL's host)."""
     async with bench_env(settings) as env:
         entries = entry_names(sizes.entries)
         ceiling_plugin = await env.add_plugin("ceiling")
@@ -131,8 +139,11 @@ async def run_bench(settings: Settings, sizes: Sizes, bar: Callable[..., Any]) -
             many = run.rate
         partitions = None
         if sizes.partitions > 1:
+            management = Management(
+                management_url or default_management_url(env.amqp_url), env.amqp_url
+            )
             partitions = await measure_partitions(
-                env, sizes.partitions, sizes.workers, sizes.writes, entries, bar
+                env, sizes.partitions, sizes.workers, sizes.writes, entries, bar, management
             )
 
         # 20 % of the writes claim a fresh entry each, with `if_absent` or as plain sets: the

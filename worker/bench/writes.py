@@ -58,6 +58,8 @@ class ThroughputRun:
     """The first worker's RSS when consumption started."""
     cpu_seconds: float
     """CPU time of all the workers from the first delivery to the last commit."""
+    depths: dict[str, int]
+    """Each commands queue's ready writes once the stream was published: how it was routed."""
 
 
 async def measure_throughput(
@@ -84,6 +86,7 @@ async def measure_throughput(
             progress,
             message_ids=len(queues) > 1,
         )
+    depths = {queue: (await env.queue_counts(queue))[0] for queue in queues}
     workers = [
         await env.spawn_worker(f"worker-x{processes}-{n}", **settings) for n in range(processes)
     ]
@@ -123,7 +126,7 @@ async def measure_throughput(
             all_applied, timeout=budget, what="the last commit", interval=_END_POLL, alive=alive
         )
     cpu = sum(worker.cpu_seconds() for worker in workers) - cpu_before
-    return ThroughputRun(Rate(total, finished - started), workers, started_rss, cpu)
+    return ThroughputRun(Rate(total, finished - started), workers, started_rss, cpu, depths)
 
 
 async def publish_paced(

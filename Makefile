@@ -42,9 +42,9 @@ fuzz: install
 	$(BIN)/pytest -p no:cacheprovider tests/test_contract.py -k "any_"
 
 ## The tests of the test-owned 3-node RabbitMQ cluster (tests/cluster.py), at full size:
-## more messages through each kill and partition than `make test` sends.
+## 20,000 writes through the kills and the partition (`make test` sends 200).
 cluster-test: install
-	PLUGIN_STATE_CLUSTER_MESSAGES=$${PLUGIN_STATE_CLUSTER_MESSAGES:-5000} $(BIN)/pytest -p no:cacheprovider \
+	PLUGIN_STATE_CLUSTER_MESSAGES=$${PLUGIN_STATE_CLUSTER_MESSAGES:-20000} $(BIN)/pytest -p no:cacheprovider \
 		-m cluster -s
 
 ## The benchmark of docs/performance.md (full size; see --help for the knobs).

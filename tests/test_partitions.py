@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -360,13 +360,14 @@ class Chaos:
         *,
         publishers_at: int | None = 0,
         reader_at: int | None = 2,
+        home: Callable[[list[Worker]], Awaitable[str]] | None = None,
     ) -> Chaos:
         """Publishers on nodes ``publishers_at`` and the next, the reader on ``reader_at``
-        (``None``: the node the first worker connected to)."""
+        (``None``: the node ``home`` picks once the workers run)."""
         workers = [Worker(settings) for settings in worker_settings]
         for worker in workers:
             await worker.start()
-        first = cluster.nodes.index(node_of(cluster, workers[0]))
+        first = 0 if home is None else cluster.nodes.index(await home(workers))
         prefix = worker_settings[0].prefix
         publishers = [
             Publisher(
@@ -466,24 +467,30 @@ async def test_writes_and_reads_go_on_while_partition_leaders_are_killed(
 async def test_a_node_cut_off_by_a_network_partition_under_writes_heals_without_loss(
     cluster: RabbitCluster, on_cluster: Settings, db: asyncpg.Pool, plugin_id: uuid.UUID
 ) -> None:
-    """Three workers, each given every node; the node of the first worker (every node leads a
-    partition) is cut off from its peers and from every client by the test's proxies while
-    two publishers and a reader (both starting on that node) go on, then healed."""
+    """Three workers, each given every node; the node leading the most partitions (with a
+    worker on it, when there is a choice) is cut off from its peers and from every client by
+    the test's proxies while two publishers and a reader (both starting on that node) go on,
+    then healed."""
     settings = on_cluster.with_changes(amqp_url=",".join(cluster.urls))
     names = Names(settings.prefix)
+    leaders: dict[str, list[int]] = {}
+
+    async def to_cut(workers: list[Worker]) -> str:
+        """The node leading the most partitions, of those the one with most workers."""
+        for i in range(PARTITIONS):
+            leaders.setdefault(await cluster.leader_of(names.commands_partition(i)), []).append(i)
+        homes = [node_of(cluster, worker) for worker in workers]
+        return max(cluster.nodes, key=lambda node: (len(leaders.get(node, [])), homes.count(node)))
+
     chaos = await Chaos.start(
-        cluster, [settings] * 3, plugin_id, publishers_at=None, reader_at=None
+        cluster, [settings] * 3, plugin_id, publishers_at=None, reader_at=None, home=to_cut
     )
     writes = chaos.writes
     try:
-        cut = node_of(cluster, chaos.workers[0])
+        cut = cluster.nodes[chaos.writes.publishers[0].failover.start % len(cluster.nodes)]
         on_cut = [w for w in chaos.workers if node_of(cluster, w) == cut]
+        led = leaders.get(cut, [])
         await writes.publish(MESSAGES // 4)
-        led = [
-            i
-            for i in range(PARTITIONS)
-            if await cluster.leader_of(names.commands_partition(i)) == cut
-        ]
         began = time.monotonic()
         await cluster.partition(cut)
         await asyncio.gather(
@@ -504,7 +511,7 @@ async def test_a_node_cut_off_by_a_network_partition_under_writes_heals_without_
         assert all(not status["partitions"] for status in statuses)
         await chaos.check_end(db, names)
         moved = [node_of(cluster, w) for w in on_cut]
-        print(f"the workers on {cut} moved to {moved}")
+        print(f"the workers that were on {cut} are on {moved}")
         assert cut not in moved
     finally:
         await chaos.close()

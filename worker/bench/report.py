@@ -28,6 +28,11 @@ class Rate:
     def as_json(self) -> dict[str, float]:
         return {"count": self.count, "seconds": self.seconds, "per_second": self.per_second}
 
+    @classmethod
+    def pooled(cls, rates: Sequence[Rate]) -> Rate:
+        """Several runs as one: all they did over all their time."""
+        return cls(sum(r.count for r in rates), sum(r.seconds for r in rates))
+
 
 QUANTILES: Final = (*(n / 100 for n in range(100)), 0.995, 0.999, 1.0)
 """The fractions every latency keeps the distribution at (0 is the fastest, 1 the slowest)."""

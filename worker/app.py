@@ -347,7 +347,11 @@ class Worker:
                 async with _attempt(connect()) as attempt:
                     either: set[asyncio.Future[Any]] = {attempt, stop}
                     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                if not attempt.done():
+                    # Asked here, not after the block: leaving it cancels an unfinished
+                    # attempt, whose result would then be a CancelledError, which a task
+                    # group takes for a task that ended quietly.
+                    stopped = not attempt.done()
+                if stopped:
                     raise StoppedWhileWaiting(what)
                 try:
                     return attempt.result()

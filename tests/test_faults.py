@@ -21,7 +21,7 @@ from worker.config import Settings
 from worker.store import APPLICATION_NAME
 from worker.topology import Names, declare
 
-from .broker import close_connections, require_rabbitmqctl
+from .broker import close_connections, rabbitmqctl, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import through, wait_until
 from .processes import spawn_worker, wait_exit
@@ -163,6 +163,19 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     await start_worker()
     await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
     assert await dead_letters(amqp, prefix) == 0
+
+
+async def test_the_read_path_has_a_connection_of_its_own_only_beside_another_role(
+    start_worker: StartWorker,
+) -> None:
+    require_rabbitmqctl()
+    cases = [({"writes", "reads", "relay"}, 2), ({"reads"}, 1), ({"writes", "relay"}, 1)]
+    for roles, connections in cases:
+        worker = await start_worker(roles=frozenset(roles))
+        listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
+        names = [line for line in listing.splitlines() if worker.instance in line]
+        assert len(names) == connections, roles
+        assert sum(" reads" in name for name in names) == ("reads" in roles), roles
 
 
 async def test_lost_broker_connection_reconnects_and_resumes(

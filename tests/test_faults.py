@@ -24,7 +24,7 @@ from worker.topology import Names, declare
 from .broker import close_connections, rabbitmqctl, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import through, wait_until
-from .processes import spawn_worker, wait_exit
+from .processes import kill_tree, spawn_worker, wait_exit
 from .proxy import TcpProxy
 from .streams import Stream
 
@@ -115,7 +115,7 @@ async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     try:
         await wait_until(lambda: stream.some_applied(db), what="the worker to apply writes")
     finally:
-        first.send_signal(signal.SIGKILL)
+        kill_tree(first)  # the supervisor and its processes: none drains
     assert await wait_exit(first) == -signal.SIGKILL
     applied_at_kill = await db.fetchval(
         "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1", plugin_id

@@ -54,16 +54,17 @@ def value(got: Samples, name: str, **labels: str) -> float | None:
 
 
 def test_the_read_path_gets_a_process_of_its_own_when_the_worker_also_writes_or_relays() -> None:
+    # In the order they start: reads first.
     assert [(p.name, sorted(p.roles), p.housekeeping) for p in plan(Settings())] == [
-        ("writes+relay", ["relay", "writes"], True),
         ("reads", ["reads"], False),
+        ("writes+relay", ["relay", "writes"], True),
     ]
     # The worker's Postgres connections are shared out, not doubled.
-    assert [p.pool_size for p in plan(Settings(db_pool_size=6))] == [4, 2]
-    assert [p.pool_size for p in plan(Settings(db_pool_size=12))] == [8, 4]
+    assert [p.pool_size for p in plan(Settings(db_pool_size=6))] == [2, 4]
+    assert [p.pool_size for p in plan(Settings(db_pool_size=12))] == [4, 8]
     assert [p.pool_size for p in plan(Settings(db_pool_size=2))] == [1, 1]
     beside_relay = plan(Settings(roles=frozenset({"reads", "relay"})))
-    assert [p.name for p in beside_relay] == ["relay", "reads"]
+    assert [p.name for p in beside_relay] == ["reads", "relay"]
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ not for its whole turn on a shared event loop (``docs/performance.md``).
 - **Start.** The supervisor binds its HTTP port (a taken one stops it here, with one line),
   spawns every process at once, so that their imports overlap, and lets them start one after
   another: each connects only once the one before it has started (connected, declared,
-  consuming). A failure they would all meet, a refused login, is met and said once.
+  consuming). A failure they would all meet, a refused login, is met and said once. The
+  read process starts first: once the other takes writes, reads are served, and its
+  start-up costs the write path nothing.
 - **Run** until SIGTERM or SIGINT, or until a process exits.
 - **Drain and stop.** SIGTERM to each process, which drains and stops as a lone worker does
   (``worker.app``); the supervisor waits for them up to the drain timeout and a grace, then
@@ -109,9 +111,9 @@ def plan(settings: Settings) -> list[Part]:
         return [Part(_name_of(roles), roles, housekeeping=True, pool_size=pool)]
     rest = roles - {"reads"}
     reads = max(1, pool // 3)
-    return [
-        Part(_name_of(rest), rest, housekeeping=True, pool_size=max(1, pool - reads)),
+    return [  # in the order they start
         Part("reads", frozenset({"reads"}), housekeeping=False, pool_size=reads),
+        Part(_name_of(rest), rest, housekeeping=True, pool_size=max(1, pool - reads)),
     ]
 
 

@@ -273,7 +273,7 @@ async def measure_get_beside_flood(
             interval=0.005,
             alive=worker.check_alive,
         )
-        # Its read process connects once the write process has started (worker.supervisor).
+        # And serves reads: its rpc consumer is the last it starts (worker.app).
         await env.wait_for_consumer(env.names.rpc_queue, worker)
         routing_key = env.names.rpc_key(flood.plugin_id)
         # As for the idle figure: the worker's first calls prepare its statements.

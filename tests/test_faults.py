@@ -154,7 +154,10 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     log = await asyncio.to_thread(process.stderr.read)
     assert await wait_exit(process) == 0
     events = [json.loads(line) for line in log.decode().splitlines() if line.startswith("{")]
-    [drained] = [e for e in events if e["event"] == "consumer_drained"]
+    # The write process's (its read process drains its own consumer: worker.supervisor).
+    [drained] = [
+        e for e in events if e["event"] == "consumer_drained" and e["process"] == "writes+relay"
+    ]
     # Everything the worker had received it committed and acked before exiting.
     print(f"SIGTERM: received {drained['received']}, acked {drained['acked']}")
     assert drained["received"] == drained["acked"] > 0

@@ -97,6 +97,7 @@ async def test_healthz_answers_and_readyz_follows_postgres(
     start_worker: StartWorker,
     settings: Settings,
     amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
     plugin_id: uuid.UUID,
     prefix: str,
 ) -> None:
@@ -125,6 +126,13 @@ async def test_healthz_answers_and_readyz_follows_postgres(
             return (await http_get(worker, "/readyz"))[0] == 200
 
         await wait_until(ready_again, what="/readyz to recover")
+
+        async def applied() -> bool:
+            return len(await state_of(db, plugin_id)) == 1
+
+        # Before the proxy goes: the write sent during the outage must not be left for the
+        # worker's drain, which would then find Postgres gone for good (a DrainTimeout).
+        await wait_until(applied, what="the write sent during the outage to be applied")
 
 
 async def test_json_logs_are_one_object_per_line_without_secrets(settings: Settings) -> None:

@@ -1,10 +1,17 @@
-"""Worker processes for tests that need real OS processes (signals, several workers)."""
+"""Worker processes for tests that need real OS processes (signals, several workers).
+
+``run`` splits a worker into processes (``worker.supervisor``): the process a test spawns is
+the supervisor, and ``parts`` finds the processes under it by what each does.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from worker.config import Settings
 
@@ -37,3 +44,60 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> in
     await wait_until(exited, timeout=timeout, what="the worker process to exit")
     assert process.returncode is not None
     return process.returncode
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still running (Linux: /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    return [pid, *(below for child in children(pid) for below in tree(child))]
+
+
+def part_of(pid: int) -> str | None:
+    """What a process of a split worker does (its ``--part``); None for the supervisor or a
+    worker in one process."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return None
+    if b"--part" not in arguments:
+        return None
+    return arguments[arguments.index(b"--part") + 1].decode()
+
+
+def parts(process: subprocess.Popen[bytes]) -> dict[str, int]:
+    """The processes of a spawned ``run``, by part (``writes+relay``, ``reads``)."""
+    return {part: pid for pid in children(process.pid) if (part := part_of(pid)) is not None}
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a spawned ``run`` and every process under it at once, as a crash of the
+    whole worker (the OOM killer of its container) would: none of them drains. The
+    supervisor first, so that it cannot react to the others' deaths."""
+    for pid in tree(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -76,6 +76,14 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def check_memory(memory: dict[str, Any]) -> None:
+    assert memory["peak_rss"] > 0
+    assert len(memory["rss_samples"]) > 0
+    # The worker's memory is its processes', each named, summed (worker.supervisor).
+    assert set(memory["peaks"]) == {"supervisor", "writes+relay", "reads"}
+    assert memory["peak_rss"] == sum(memory["peaks"].values())
+
+
 def check_partitions(partitions: dict[str, Any], output: str) -> None:
     """1 and 3 partitions side by side; on a broker without the consistent-hash exchange
     the partitioned run says so instead. Per-node figures, or why there are none."""
@@ -147,12 +155,11 @@ async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     figures = numbers({k: v for k, v in report.items() if k != "sizes"})
     assert len(figures) > 50
     assert all(math.isfinite(value) for value in figures.values()), figures
-    assert report["memory"]["peak_rss"] > 0
+    check_memory(report["memory"])
     assert report["write_latency"]
     for point in report["write_latency"]:
         assert point["count"] > 0
         assert len(point["quantiles_ms"]) == len(report["quantiles"])
-    assert len(report["memory"]["rss_samples"]) > 0
     assert set(report["peers"]) == {"faststream", "direct"}
     for peer in report["peers"].values():
         assert peer["writes"]["count"] > 0

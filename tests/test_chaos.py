@@ -24,7 +24,7 @@ from worker.topology import Names, declare
 
 from .broker import close_connections, require_rabbitmqctl
 from .helpers import free_port, wait_until
-from .processes import spawn_worker, wait_exit
+from .processes import kill_tree, spawn_worker, tree, wait_exit
 from .streams import Stream
 
 WRITES = 20_000
@@ -104,7 +104,7 @@ async def test_sigkill_one_of_three_workers_and_restart_it(
     started = time.monotonic()
     publishing = asyncio.create_task(stream.publish(amqp, prefix))
     await asyncio.sleep(1.0)  # chaos lands mid-stream, whatever the machine's speed
-    fleet.processes[0].send_signal(signal.SIGKILL)
+    kill_tree(fleet.processes[0])  # the supervisor and its processes: none drains
     assert await wait_exit(fleet.processes[0]) == -signal.SIGKILL
     fleet.start(0)
     await publishing
@@ -148,7 +148,8 @@ async def test_closing_the_workers_broker_connections_mid_stream(
     await asyncio.sleep(1.0)
     closed = 0
     for process in fleet.processes:
-        closed += await close_connections(f":{process.pid}:")
+        for pid in tree(process.pid):  # the connections of each process of the worker
+            closed += await close_connections(f":{pid}:")
     await publishing
     assert closed == 2 * WORKERS  # each worker's write path's and read path's
     await settle(fleet, stream, db, amqp, started, f"{closed} broker connections closed")

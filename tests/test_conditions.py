@@ -26,7 +26,7 @@ from worker.topology import declare
 
 from .conftest import StartWorker
 from .helpers import wait_until
-from .processes import spawn_worker, wait_exit
+from .processes import kill_tree, spawn_worker, wait_exit
 
 ISSUE = Scope.issue("ISS-7")
 COUNTERS = 8
@@ -245,7 +245,7 @@ async def test_a_worker_killed_while_sweeping_loses_nothing(
         return bool(await db.fetchval(remaining, plugin_id) < count)
 
     await wait_until(sweeping, what="the sweep to start")
-    worker.send_signal(signal.SIGKILL)
+    kill_tree(worker)  # the supervisor and its processes: none drains
     assert await wait_exit(worker) == -signal.SIGKILL
     left = await db.fetchval(remaining, plugin_id)
     print(f"killed while sweeping with {left} of {count} expired rows left")

@@ -21,10 +21,10 @@ from worker.config import Settings
 from worker.store import APPLICATION_NAME
 from worker.topology import Names, declare
 
-from .broker import close_connections, require_rabbitmqctl
+from .broker import close_connections, rabbitmqctl, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import through, wait_until
-from .processes import spawn_worker, wait_exit
+from .processes import kill_tree, spawn_worker, wait_exit
 from .proxy import TcpProxy
 from .streams import Stream
 
@@ -115,7 +115,7 @@ async def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(
     try:
         await wait_until(lambda: stream.some_applied(db), what="the worker to apply writes")
     finally:
-        first.send_signal(signal.SIGKILL)
+        kill_tree(first)  # the supervisor and its processes: none drains
     assert await wait_exit(first) == -signal.SIGKILL
     applied_at_kill = await db.fetchval(
         "SELECT count(*) FROM plugin_state_versions WHERE plugin_id=$1", plugin_id
@@ -154,7 +154,10 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     log = await asyncio.to_thread(process.stderr.read)
     assert await wait_exit(process) == 0
     events = [json.loads(line) for line in log.decode().splitlines() if line.startswith("{")]
-    [drained] = [e for e in events if e["event"] == "consumer_drained"]
+    # The write process's (its read process drains its own consumer: worker.supervisor).
+    [drained] = [
+        e for e in events if e["event"] == "consumer_drained" and e["process"] == "writes+relay"
+    ]
     # Everything the worker had received it committed and acked before exiting.
     print(f"SIGTERM: received {drained['received']}, acked {drained['acked']}")
     assert drained["received"] == drained["acked"] > 0
@@ -163,6 +166,19 @@ async def test_sigterm_drains_what_it_holds_and_exits_zero(
     await start_worker()
     await wait_until(lambda: stream.matches(db), timeout=60, what="the final state")
     assert await dead_letters(amqp, prefix) == 0
+
+
+async def test_the_read_path_has_a_connection_of_its_own_only_beside_another_role(
+    start_worker: StartWorker,
+) -> None:
+    require_rabbitmqctl()
+    cases = [({"writes", "reads", "relay"}, 2), ({"reads"}, 1), ({"writes", "relay"}, 1)]
+    for roles, connections in cases:
+        worker = await start_worker(roles=frozenset(roles))
+        listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
+        names = [line for line in listing.splitlines() if worker.instance in line]
+        assert len(names) == connections, roles
+        assert sum(" reads" in name for name in names) == ("reads" in roles), roles
 
 
 async def test_lost_broker_connection_reconnects_and_resumes(

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import aio_pika
@@ -43,7 +42,7 @@ from .fuzz import strategies
 from .fuzz.target import PLUGIN as TARGET_PLUGIN
 from .fuzz.target import encode_input, one_delivery
 from .helpers import queue_messages, set_cmd, state_of, uuid7, wait_until
-from .processes import spawn_worker
+from .processes import peak_rss, spawn_worker, tree
 from .rpc import RawRpc
 
 SOAK_SECONDS: Final = float(os.environ.get("PLUGIN_STATE_SOAK_SECONDS", "20"))
@@ -107,16 +106,11 @@ def for_plugin(body: bytes, plugin_id: uuid.UUID, write_id: uuid.UUID) -> bytes:
     )
 
 
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
-async def connections_of(pid: int) -> int:
+async def connections_of(worker: int) -> int:
+    """The broker connections of a worker's processes (``worker.supervisor``)."""
     listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
-    return sum(f":{pid}:" in line for line in listing.splitlines())
+    pids = tree(worker)
+    return sum(f":{pid}:" in line for line in listing.splitlines() for pid in pids)
 
 
 @dataclass
@@ -228,8 +222,8 @@ async def test_a_hostile_soak_through_two_workers_leaves_them_standing(
         await soak.check_dead_letters()
         assert all(w.poll() is None for w in workers), "a worker stopped"
         assert [await connections_of(pid) for pid in pids] == [2, 2], "a worker reconnected"
-        rss = [peak_rss(pid) for pid in pids]
-        print(f"soak: peak RSS {[f'{r / 1e6:.0f} MB' for r in rss]}")
+        rss = [peak_rss(process) for pid in pids for process in tree(pid)]
+        print(f"soak: peak RSS of each process {[f'{r / 1e6:.0f} MB' for r in rss]}")
         assert max(rss) < RSS_BOUND
     finally:
         for worker in workers:

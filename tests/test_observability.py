@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -96,6 +97,7 @@ async def test_healthz_answers_and_readyz_follows_postgres(
     start_worker: StartWorker,
     settings: Settings,
     amqp: aio_pika.abc.AbstractChannel,
+    db: asyncpg.Pool,
     plugin_id: uuid.UUID,
     prefix: str,
 ) -> None:
@@ -124,6 +126,13 @@ async def test_healthz_answers_and_readyz_follows_postgres(
             return (await http_get(worker, "/readyz"))[0] == 200
 
         await wait_until(ready_again, what="/readyz to recover")
+
+        async def applied() -> bool:
+            return len(await state_of(db, plugin_id)) == 1
+
+        # Before the proxy goes: the write sent during the outage must not be left for the
+        # worker's drain, which would then find Postgres gone for good (a DrainTimeout).
+        await wait_until(applied, what="the write sent during the outage to be applied")
 
 
 async def test_json_logs_are_one_object_per_line_without_secrets(settings: Settings) -> None:
@@ -154,6 +163,41 @@ async def test_json_logs_are_one_object_per_line_without_secrets(settings: Setti
     password = urlsplit(settings.amqp_url).password
     assert f":{password}@" not in json.dumps(starting)
     assert starting["amqp_url"] == settings.amqp_url.replace(f":{password}@", ":***@")
+
+
+_ONE_LINE = """
+import logging, sys
+
+class Recording:
+    writes = []
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+    def flush(self):
+        pass
+    def isatty(self):
+        return False
+
+sys.stderr = Recording()
+from worker import logs
+logs.configure("json", "info")
+import structlog
+structlog.get_logger("worker.app").info("worker_draining", field="x" * 2000)
+logging.getLogger("worker.client").warning("client_event %s", "y" * 2000)
+print(repr(sys.stderr.writes), file=sys.__stdout__)
+"""
+
+
+def test_each_log_line_is_written_whole_in_one_write() -> None:
+    # The processes of a run write to one stderr: two writes per line would interleave.
+    ran = subprocess.run(
+        [sys.executable, "-c", _ONE_LINE], capture_output=True, text=True, timeout=30, check=True
+    )
+    writes = ast.literal_eval(ran.stdout)
+    assert len(writes) == 2, writes
+    assert all(write.endswith("\n") and write.count("\n") == 1 for write in writes)
+    assert json.loads(writes[0])["event"] == "worker_draining"
+    assert "client_event" in writes[1]
 
 
 async def test_readyz_names_postgres_alone_while_only_postgres_is_missing(

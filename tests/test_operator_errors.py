@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from urllib.parse import urlsplit, urlunsplit
+
+from worker.app import Worker
+from worker.config import Settings
 
 from .cli import clean_env, cli, refused_port
 from .conftest import drop_database
@@ -102,6 +106,26 @@ async def test_run_stopped_while_waiting_for_postgres_exits_0_without_a_tracebac
         assert output.startswith("0\n"), (sig, output)
         assert "Traceback" not in output
         assert '"stopped_while_waiting"' in output
+
+
+async def test_a_stop_in_the_middle_of_a_connection_attempt_is_a_normal_stop(
+    settings: Settings,
+) -> None:
+    # A socket that takes connections and never answers: Postgres' handshake hangs.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x"
+        worker = Worker(settings.with_changes(database_url=url))
+        running = asyncio.create_task(worker.run())
+
+        async def connected_to_rabbitmq() -> bool:
+            return worker.connection is not None
+
+        await wait_until(connected_to_rabbitmq, what="the worker to wait on Postgres alone")
+        worker.request_stop()
+        await asyncio.wait_for(running, 20)
+    assert worker.store is None
 
 
 async def _stop_while_waiting(env: dict[str, str], sig: signal.Signals) -> str:

@@ -10,7 +10,6 @@ import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -26,7 +25,7 @@ from worker.topology import declare
 
 from .conftest import StartWorker
 from .helpers import set_cmd, uuid7, wait_until
-from .processes import spawn_worker
+from .processes import parts, peak_rss, spawn_worker
 from .rpc import RawRpc
 
 DAY_MS = 86_400_000
@@ -101,14 +100,6 @@ async def test_a_get_many_larger_than_the_reply_limit_is_reply_too_large(
     assert [item["found"] for item in fits["items"]] == [True] * 3
 
 
-def peak_rss(pid: int) -> int:
-    """A process's peak resident memory in bytes (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 async def test_one_large_entry_named_a_thousand_times_costs_one_reply_not_a_gigabyte(
     settings: Settings, amqp: aio_pika.abc.AbstractChannel, db: asyncpg.Pool, plugin_id: uuid.UUID
 ) -> None:
@@ -119,14 +110,15 @@ async def test_one_large_entry_named_a_thousand_times_costs_one_reply_not_a_giga
             big = "x" * (1024 * 1024 - 100)
             await wait_until(lambda: answers(rpc, plugin_id), what="the worker to serve reads")
             await write_all(rpc, plugin_id, set_cmd(plugin_id, "big", big))
-            before = peak_rss(worker.pid)
+            reader = parts(worker)["reads"]  # the process that answers (worker.supervisor)
+            before = peak_rss(reader)
             ref = {"scope_kind": "issue", "scope_id": "ISS-1", "key": "big"}
             many = {"op": "get_many", "plugin_id": str(plugin_id), "entries": [ref] * 1000}
             replies = await asyncio.gather(*(rpc.call(plugin_id, many) for _ in range(20)))
             assert {r["code"] for r in replies} == {"reply_too_large"}
             one = await rpc.call(plugin_id, {**many, "entries": [ref] * 3})
             assert [i["value"] == big for i in one["items"]] == [True] * 3
-            grown = peak_rss(worker.pid) - before
+            grown = peak_rss(reader) - before
     finally:
         worker.terminate()
         worker.wait(30)

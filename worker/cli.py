@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 import click
 
-from worker import dead_commands, diagnosis, logs, state_commands
-from worker.app import Worker
+from worker import dead_commands, diagnosis, logs, state_commands, supervisor
+from worker.app import Worker, freeze_imports
 from worker.bench import command as bench_command
 from worker.config import ENV_PREFIX, ConfigError, Settings
 from worker.doctor import examine
@@ -104,29 +104,53 @@ def migrate_command(settings: Settings) -> None:
     default=False,
     help="Apply migrations before starting.",
 )
-@click.pass_obj
-def run(settings: Settings, /, run_migrations: bool, **flags: Any) -> None:
+# How a supervising `run` starts each of its processes (worker.supervisor).
+@click.option("--part", hidden=True)
+@click.option("--supervisor-fd", type=int, hidden=True)
+@click.pass_context
+def run(
+    ctx: click.Context,
+    /,
+    run_migrations: bool,
+    part: str | None,
+    supervisor_fd: int | None,
+    **flags: Any,
+) -> None:
     """Declare the topology, then consume writes and serve reads until SIGTERM/SIGINT."""
     try:
-        settings = settings.with_changes(**{k: v for k, v in flags.items() if v is not None})
+        settings = ctx.obj.with_changes(**{k: v for k, v in flags.items() if v is not None})
     except ConfigError as exc:
         raise bad_setting(exc, flags) from None
-    run_async(_run(settings, run_migrations))
+    if part is not None and supervisor_fd is not None:
+        run_async(supervisor.serve_part(settings, part, supervisor_fd))
+    elif len(supervisor.plan(settings)) == 1:
+        run_async(_run(settings, run_migrations))
+    else:
+        ctx.exit(run_async(_supervise(settings, run_migrations)))
 
 
 async def _run(settings: Settings, run_migrations: bool) -> None:
     if run_migrations:
         await _migrate(settings.database_url)
     worker = Worker(settings)
+    _stop_on_signals(worker.request_stop)
+    freeze_imports()
+    await worker.run()
+
+
+async def _supervise(settings: Settings, run_migrations: bool) -> int:
+    """The processes of a split worker, under a supervisor; its exit code."""
+    if run_migrations:
+        await _migrate(settings.database_url)
+    parent = supervisor.Supervisor(settings)
+    _stop_on_signals(parent.request_stop)
+    return await parent.run()
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
-    # What was imported lives as long as the process: out of the collector's way, so that a
-    # full collection scans only what comes after (under a write flood such pauses, which
-    # hold up the reads, went from 30-40 ms to mostly 13-17 ms).
-    gc.collect()
-    gc.freeze()
-    await worker.run()
+        loop.add_signal_handler(sig, stop)
 
 
 async def _migrate(database_url: str) -> list[str]:

@@ -29,6 +29,9 @@ DEFAULT_HTTP_PORT: Final = 9108
 """Where a worker serves HTTP when PLUGIN_STATE_HTTP_PORT is unset, if no other process of
 the host has it (then the next free one of ``HTTP_PORT_TRIES``)."""
 HTTP_PORT_TRIES: Final = 16
+ROLES: Final = ("writes", "reads", "relay")
+"""What a worker may do, in the order names list them."""
+PROCESSES: Final = ("split", "single")
 
 
 class ConfigError(ValueError):
@@ -72,6 +75,10 @@ class Settings:
     roles: frozenset[str] = frozenset({"writes", "reads", "relay"})
     """What this worker does: `writes` (the commands queue), `reads` (the rpc queue), `relay`
     (publishes the change feed, one worker at a time), any of them."""
+    processes: str = "split"
+    """`split`: a worker that reads and also writes or relays serves reads from a process of
+    its own, beside one for the rest, under one supervising `run` (worker.supervisor), so a
+    busy write path cannot hold up reads; `single`: every role in one process."""
 
     batch_size: int = 500
     """Most write messages applied in one transaction."""
@@ -245,10 +252,12 @@ class Settings:
             raise ConfigError(f"{_env_name('prefetch')} must be at least the batch size")
         if not 0 < self.retry_initial_seconds <= self.retry_max_seconds:
             raise ConfigError("retry back-off must satisfy 0 < initial <= max")
-        if not self.roles or not self.roles <= {"writes", "reads", "relay"}:
+        if not self.roles or not self.roles <= set(ROLES):
             raise ConfigError(
                 f"{_env_name('roles')} must be one or more of writes, reads and relay"
             )
+        if self.processes not in PROCESSES:
+            raise ConfigError(f"{_env_name('processes')} must be split or single")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"{_env_name('log_format')} must be text or json")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -261,6 +270,12 @@ class Settings:
             self.amqp_urls  # noqa: B018 - validates the list
         except brokers.AddressError as exc:
             raise ConfigError(f"{_env_name('amqp_url')}: {exc}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as the ``PLUGIN_STATE_*`` variable that ``from_env`` reads back to
+        the same value (one that is unset, empty): how a supervising ``run`` hands its
+        settings, flags included, to its processes."""
+        return {_env_name(f.name): _unparse(getattr(self, f.name)) for f in fields(self)}
 
     def redacted(self) -> dict[str, object]:
         """The settings as loggable data: passwords in URLs are replaced."""
@@ -278,6 +293,16 @@ class Settings:
 def redact_url(url: str) -> str:
     """``amqp://user:secret@host/`` becomes ``amqp://user:***@host/``; every URL of a list."""
     return brokers.redact(url)
+
+
+def _unparse(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    return str(value)
 
 
 def _parse(name: str, type_name: object, raw: str) -> object:

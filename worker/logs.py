@@ -43,7 +43,10 @@ def configure(log_format: str = "text", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line, newline included (print() makes two): the processes of a
+        # run share stderr (worker.supervisor), and with unbuffered output (the image's
+        # PYTHONUNBUFFERED) two writes of theirs interleave mid-line.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)

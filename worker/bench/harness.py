@@ -86,15 +86,23 @@ async def wait_for(
 
 @dataclass(frozen=True, slots=True)
 class Resident:
-    """A process's resident memory in bytes: ``VmRSS`` now, ``VmHWM`` its peak so far."""
+    """Resident memory in bytes: ``VmRSS`` now, ``VmHWM`` the peak so far. Of a process tree
+    (a worker split into processes, ``worker.supervisor``), the sums over its processes, and
+    ``processes`` each one's, by name; the sum of the peaks bounds the tree's peak from above
+    (each process's peak counted whenever it came, and the pages they share, such as the
+    interpreter's, once per process)."""
 
     rss: int
     peak: int
+    processes: tuple[tuple[str, int, int], ...] = ()
+    """(name, rss, peak) of each process."""
 
 
 @dataclass
 class Process:
-    """A child process of the bench (a worker or a reference server), logging to a file."""
+    """A child process of the bench (a worker or a reference server), logging to a file.
+    Its figures (CPU time, memory) are those of its whole tree: a worker's supervisor and
+    the processes under it."""
 
     name: str
     process: asyncio.subprocess.Process
@@ -105,20 +113,48 @@ class Process:
     def pid(self) -> int:
         return self.process.pid
 
+    def tree(self) -> list[int]:
+        """The process and those under it that run now."""
+        return _tree(self.pid)
+
     def resident(self) -> Resident:
-        fields: dict[str, int] = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                fields[name] = int(value.split()[0]) * 1024  # reported in kB
-        return Resident(rss=fields["VmRSS"], peak=fields["VmHWM"])
+        processes = []
+        for pid in self.tree():
+            fields: dict[str, int] = {}
+            with contextlib.suppress(FileNotFoundError):  # it exited meanwhile
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    name, _, value = line.partition(":")
+                    if name in ("VmRSS", "VmHWM"):
+                        fields[name] = int(value.split()[0]) * 1024  # reported in kB
+            if len(fields) == 2:
+                processes.append((self._name_of(pid), fields["VmRSS"], fields["VmHWM"]))
+        return Resident(
+            rss=sum(rss for _, rss, _ in processes),
+            peak=sum(peak for _, _, peak in processes),
+            processes=tuple(processes),
+        )
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the process has used so far."""
-        # /proc/<pid>/stat: the fields after the command (which may hold spaces) in
-        # parentheses; utime and stime are the 14th and 15th, in clock ticks.
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        """User plus system CPU time the process tree has used so far (of the processes
+        that run now: none of a worker's ends while it is measured)."""
+        ticks = 0
+        for pid in self.tree():
+            # /proc/<pid>/stat: the fields after the command (which may hold spaces) in
+            # parentheses; utime and stime are the 14th and 15th, in clock ticks.
+            with contextlib.suppress(FileNotFoundError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / _CLOCK_TICKS
+
+    def _name_of(self, pid: int) -> str:
+        """A worker's process by its part (``--part``), its supervisor, or the process."""
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            arguments = []
+        if b"--part" in arguments:
+            return arguments[arguments.index(b"--part") + 1].decode()
+        return "supervisor" if pid == self.pid and _children(pid) else self.name
 
     def log_tail(self) -> str:
         self.log_file.flush()
@@ -144,6 +180,18 @@ class Process:
         self.log_file.close()
         assert self.process.returncode is not None
         return self.process.returncode
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _tree(pid: int) -> list[int]:
+    return [pid, *(below for child in _children(pid) for below in _tree(child))]
 
 
 # --------------------------------------------------------------------------- environment

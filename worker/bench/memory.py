@@ -1,11 +1,12 @@
 """The worker's resident memory: at start, its peak under full load, and through a soak.
 
 Read from ``/proc/<pid>/status``: ``VmRSS`` (now) and ``VmHWM`` (the high-water mark over
-the process's life). The soak keeps a steady mixed load on the worker for a while (paced
-writes, mixed sets and deletes over the bench's entries, at half the measured maximum
-rate, and a few callers reading back to back) and samples ``VmRSS`` every second; the
-medians of its first and last fifths tell whether memory stayed flat, and the report keeps
-every sample for the chart of ``--plot``.
+the process's life), summed over the worker's processes (``Process.resident``). The soak
+keeps a steady mixed load on the worker for a while (paced writes, mixed sets and deletes
+over the bench's entries, at half the measured maximum rate, and a few callers reading
+back to back) and samples ``VmRSS`` every second; the medians of its first and last fifths
+tell whether memory stayed flat, and the report keeps every sample for the chart of
+``--plot``.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ async def soak(
         done.set()
     fifth = max(1, len(samples) // 5)
     rss = [resident for _, resident in samples]
+    now = worker.resident()
     return MemoryFigures(
         started_rss=started_rss,
-        peak_rss=worker.resident().peak,
+        peak_rss=now.peak,
+        peaks=tuple((name, peak) for name, _, peak in now.processes),
         soak_start_rss=int(statistics.median(rss[:fifth])),
         soak_end_rss=int(statistics.median(rss[-fifth:])),
         soak_seconds=seconds,

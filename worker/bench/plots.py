@@ -143,10 +143,13 @@ def _soak_rss(report: BenchReport) -> Figure:
         "o-",
         markersize=3,
         color=_KIND_COLORS["worker"],
-        label="VmRSS, sampled through the soak",
+        label="VmRSS of its processes together, sampled through the soak",
     )
     axes.axhline(
-        memory.peak_rss / MB, color="black", linestyle="--", label="peak over the run (VmHWM)"
+        memory.peak_rss / MB,
+        color="black",
+        linestyle="--",
+        label="peak over the run (each process's VmHWM, summed)",
     )
     axes.axhline(
         memory.started_rss / MB, color="gray", linestyle=":", label="at the first deliveries"

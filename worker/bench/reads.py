@@ -273,6 +273,8 @@ async def measure_get_beside_flood(
             interval=0.005,
             alive=worker.check_alive,
         )
+        # And serves reads: its rpc consumer is the last it starts (worker.app).
+        await env.wait_for_consumer(env.names.rpc_queue, worker)
         routing_key = env.names.rpc_key(flood.plugin_id)
         # As for the idle figure: the worker's first calls prepare its statements.
         await closed_loop(client, routing_key, gets, 1, _warm_up(seconds))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas import rules
 from schemas.codec import JSON, MSGPACK, Codec, codec_for
 from schemas.errors import InvalidMessage, StateError
 from schemas.messages import (
@@ -589,6 +591,16 @@ def test_many_small_numbers_that_write_out_huge_are_value_too_large() -> None:
 def test_a_number_jsonb_cannot_hold_is_unsupported_value(number: str) -> None:
     body = json_with_number(command(value=RAW), number)
     assert write_error(codec_for(JSON), body).code == "unsupported_value"
+
+
+@given(st.lists(st.sampled_from([b"0", b"7", b"9", b"e", b"E", b"a", b".", b"-"]), max_size=12))
+def test_a_value_is_looked_at_for_exponents_whenever_a_digit_precedes_an_e(
+    parts: list[bytes],
+) -> None:
+    # What the worker and the client check first, before they walk a value's numbers.
+    text = b"".join(parts)
+    expected = any(a in b"0123456789" and b in b"eE" for a, b in itertools.pairwise(text))
+    assert rules._has_exponent(text) == expected
 
 
 def test_a_string_that_only_looks_like_a_number_is_not_counted_as_one() -> None:

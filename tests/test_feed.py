@@ -12,13 +12,21 @@ import uuid
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import frame
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from schemas.topology import Names
 from worker.client import Scope, StateClient
 from worker.config import Settings
+from worker.publish import Outgoing, burst_frames, publish_in_order
 from worker.store import LOCK_CLASS, RELAY_LOCK
 from worker.topology import declare
 
@@ -108,6 +116,8 @@ async def test_every_change_is_published_once_in_log_order_with_its_item(
     assert message.content_type == "application/json"
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert message.routing_key == Names.change_key(plugin_id)
+    assert message.message_id == f"{plugin_id}:{item['position']}"
+    assert message.type == "change"
 
     async def outbox_empty() -> bool:
         # The relay deletes what it published when its round commits, just after the
@@ -118,6 +128,66 @@ async def test_every_change_is_published_once_in_log_order_with_its_item(
         return bool(left == 0)
 
     await wait_until(outbox_empty, what="the published changes to leave the outbox")
+
+
+_OUTGOING = st.builds(
+    Outgoing,
+    st.text(max_size=60).map(lambda key: f"chg.{key}"),
+    st.text(min_size=1, max_size=60),
+    st.binary(max_size=3000),
+)
+
+
+@given(
+    channel=st.integers(1, 2047),
+    messages=st.lists(_OUTGOING, min_size=1, max_size=5),
+    max_content=st.integers(1, 4096),
+)
+def test_a_burst_is_framed_exactly_as_pamqp_frames_each_message(
+    channel: int, messages: list[Outgoing], max_content: int
+) -> None:
+    expected = b""
+    for routing_key, message_id, body in messages:
+        properties = Basic.Properties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message_id,
+            message_type="change",
+        )
+        expected += frame.marshal(
+            Basic.Publish(exchange="plugin_state.changes", routing_key=routing_key), channel
+        )
+        expected += frame.marshal(ContentHeader(0, len(body), properties), channel)
+        for start in range(0, len(body), max_content):
+            expected += frame.marshal(ContentBody(body[start : start + max_content]), channel)
+    assert expected == burst_frames(
+        channel,
+        "plugin_state.changes",
+        messages,
+        content_type="application/json",
+        message_type="change",
+        max_content=max_content,
+    )
+
+
+async def test_a_burst_fails_at_once_when_the_broker_closes_its_channel(
+    settings: Settings,
+) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        underlay = await channel.get_underlay_channel()
+        # Publishing to an exchange that does not exist makes the broker close the channel.
+        burst = await publish_in_order(
+            underlay,
+            f"pstest-missing-{uuid.uuid4().hex}",
+            [Outgoing("chg.x", "x:1", b"{}"), Outgoing("chg.x", "x:2", b"{}")],
+            content_type="application/json",
+            message_type="change",
+        )
+        async with asyncio.timeout(5):
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await burst.refused()
 
 
 async def _has(subscriber: Subscriber, head: int) -> bool:

@@ -328,6 +328,20 @@ async def test_plugin_state_has_the_plugin_scope_index(migrated: asyncpg.Connect
     )
 
 
+async def test_the_feed_outbox_compresses_with_lz4_where_the_server_has_it(
+    migrated: asyncpg.Connection,
+) -> None:
+    method = await migrated.fetchval(
+        "SELECT attcompression::text FROM pg_attribute "
+        "WHERE attrelid = 'plugin_state_feed'::regclass AND attname = 'items'"
+    )
+    lz4 = await migrated.fetchval(
+        "SELECT count(*) FROM pg_settings "
+        "WHERE name = 'default_toast_compression' AND 'lz4' = ANY(enumvals)"
+    )
+    assert method == ("l" if lz4 else "")
+
+
 async def test_plugin_state_rows_go_with_their_plugin(migrated: asyncpg.Connection) -> None:
     foreign_keys = await migrated.fetch(
         """

@@ -61,9 +61,20 @@ def assign_positions(
     """The next positions of each stored change's plugin, in order, and the new heads."""
     after = dict(heads)
     positions = []
+    # Stores come grouped by plugin: look the head up once per run, comparing the ids'
+    # ints (a UUID hashes and compares in Python).
+    plugin: uuid.UUID | None = None
+    head = 0
     for entry_write in stores:
-        after[entry_write.entry.plugin_id] += 1
-        positions.append(after[entry_write.entry.plugin_id])
+        if plugin is None or entry_write.entry.plugin_id.int != plugin.int:
+            if plugin is not None:
+                after[plugin] = head
+            plugin = entry_write.entry.plugin_id
+            head = after[plugin]
+        head += 1
+        positions.append(head)
+    if plugin is not None:
+        after[plugin] = head
     return positions, after
 
 
@@ -72,11 +83,12 @@ def item(
     change: ChangeKind,
     version: uuid.UUID,
     position: int,
-    at: datetime,
+    at: datetime | str,
     *,
     value_json: str | None = None,
     expires_at: datetime | None = None,
 ) -> ChangeItem:
+    """``at``: when the change was made, or its RFC 3339 text (made once per transaction)."""
     return ChangeItem(
         position=encode_position(position),
         change=change,
@@ -86,7 +98,7 @@ def item(
         key=entry.key,
         version=version,
         value=msgspec.UNSET if value_json is None else msgspec.Raw(value_json.encode()),
-        updated_at=at.isoformat(),
+        updated_at=at if isinstance(at, str) else at.isoformat(),
         expires_at=msgspec.UNSET if expires_at is None else expires_at.isoformat(),
     )
 
@@ -95,34 +107,39 @@ def feed_rows(
     stores: Sequence[EntryWrite], positions: Sequence[int], at: datetime
 ) -> list[FeedRow]:
     """The feed's outbox rows of a transaction's changes: one per plugin, its items as JSON
-    lines in position order (a plugin's positions in a transaction run on one by one)."""
-    lines: dict[uuid.UUID, list[bytes]] = {}
-    first: dict[uuid.UUID, int] = {}
+    lines in position order (a plugin's positions in a transaction run on one by one, and
+    its stores come together)."""
+    rows: list[FeedRow] = []
+    updated_at = at.isoformat()
+    plugin: uuid.UUID | None = None
+    first = 0
+    lines: list[bytes] = []
     for entry_write, position in zip(stores, positions, strict=True):
-        plugin = entry_write.entry.plugin_id
+        if plugin is None or entry_write.entry.plugin_id.int != plugin.int:
+            if plugin is not None:
+                rows.append(FeedRow(plugin, first, first + len(lines) - 1, b"\n".join(lines)))
+            plugin, first, lines = entry_write.entry.plugin_id, position, []
         expires_at = (
             None
             if entry_write.expires_at_ms is None
             else datetime.fromtimestamp(entry_write.expires_at_ms / 1000, tz=at.tzinfo)
         )
-        first.setdefault(plugin, position)
-        lines.setdefault(plugin, []).append(
+        lines.append(
             _encoder.encode(
                 item(
                     entry_write.entry,
-                    "delete" if entry_write.is_delete else "set",
+                    "delete" if entry_write.value_json is None else "set",
                     entry_write.version,
                     position,
-                    at,
+                    updated_at,
                     value_json=entry_write.value_json,
                     expires_at=expires_at,
                 )
             )
         )
-    return [
-        FeedRow(plugin, first[plugin], first[plugin] + len(items) - 1, b"\n".join(items))
-        for plugin, items in lines.items()
-    ]
+    if plugin is not None:
+        rows.append(FeedRow(plugin, first, first + len(lines) - 1, b"\n".join(lines)))
+    return rows
 
 
 def expiry_rows(

@@ -40,7 +40,7 @@ A write is ``applied`` when it made the final state of at least one entry, else
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from schemas.errors import Stale, StateError, UnknownPlugin
@@ -125,25 +125,32 @@ def decide(
     judged_before: Mapping[uuid.UUID, Judged] | None = None,
 ) -> Decision:
     """Decide every write of one transaction (see the module's docstring).
-    ``judged_before``: how those of its conditional writes that were judged earlier were."""
+    ``judged_before``: how those of its conditional writes that were judged earlier were.
+
+    It runs while the transaction holds its plugins' locks, for every write: the usage
+    arithmetic is done on plain ints and versions are compared as ints."""
     current: dict[EntryKey, EntryState | None] = dict(states)
     final: dict[EntryKey, tuple[EntryWrite, int]] = {}
-    used = dict(usage)
+    # By the ids' ints: a UUID hashes and compares in Python, an int in C.
+    used = {plugin.int: plugin_usage for plugin, plugin_usage in usage.items()}
     results: list[Result] = []
     judged: dict[uuid.UUID, Judged] = dict(judged_before or {})
     recorded: list[tuple[Write, Judged]] = []
+    oldest = now_ms - retention_ms
     for index, write in enumerate(writes):
         results.append("superseded")
-        if write.plugin_id not in usage:
+        plugin = write.plugin_id.int
+        if plugin not in used:
             results[index] = UnknownPlugin(f"plugin {write.plugin_id} is not registered")
             continue
-        if write.id.int >> 80 < now_ms - retention_ms:
+        if write.id.int >> 80 < oldest:
             results[index] = Stale(
                 f"id {write.id} is older than the tombstone retention of "
                 f"{retention_ms // 1000} s by the database's clock when it was applied"
             )
             continue
-        if write.conditional:
+        conditional = write.conditional
+        if conditional:
             decided = _conditional(write, current, now_ms, judged.get(write.id))
             if isinstance(decided, Conflict) and write.id not in judged:
                 judged[write.id] = decided
@@ -151,25 +158,20 @@ def decide(
             if decided is not None:
                 results[index] = decided
                 continue
-        staged: dict[EntryKey, EntryWrite] = {}
-        for entry_write in write.entries:
-            if entry_write.entry in staged or _wins(entry_write, current.get(entry_write.entry)):
-                staged[entry_write.entry] = entry_write
+        staged = _staged(write, current)
         if not staged:
             continue
-        change = Usage()
-        for key, entry_write in staged.items():
-            change = change + Usage.of(state_after(entry_write)) - Usage.of(current.get(key))
-        before = used[write.plugin_id]
-        refused = quota.check(write.plugin_id, before, before + change) if quota.enabled else None
+        before = used[plugin]
+        after = _after(before, staged.values())
+        refused = quota.check(write.plugin_id, before, after) if quota.enabled else None
         if refused is not None:
             results[index] = refused
             continue
-        used[write.plugin_id] = before + change
-        for key, entry_write in staged.items():
+        used[plugin] = after
+        for key, (entry_write, _) in staged.items():
             current[key] = state_after(entry_write)
             final[key] = (entry_write, index)
-        if write.conditional:
+        if conditional:
             results[index] = "applied"
             judged[write.id] = "applied"
             recorded.append((write, "applied"))
@@ -180,14 +182,51 @@ def decide(
         results=results,
         stores=[final[key][0] for key in sorted(final, key=_sort_key)],
         usage={
-            plugin: used[plugin] - usage[plugin]
-            for plugin in usage
-            if used[plugin] != usage[plugin]
+            plugin: used[plugin.int] - plugin_usage
+            for plugin, plugin_usage in usage.items()
+            if used[plugin.int] != plugin_usage
         },
         conditional=recorded,
     )
 
 
-def _sort_key(key: EntryKey) -> tuple[bytes, str, str, str, str]:
+def _staged(
+    write: Write, current: Mapping[EntryKey, EntryState | None]
+) -> dict[EntryKey, tuple[EntryWrite, EntryState | None]]:
+    """The entry writes of ``write`` that win, each with what its entry held before."""
+    staged: dict[EntryKey, tuple[EntryWrite, EntryState | None]] = {}
+    for entry_write in write.entries:
+        key = entry_write.entry
+        if key in staged:
+            # A later op of the same write wins over an earlier one.
+            staged[key] = (entry_write, staged[key][1])
+            continue
+        state = current.get(key)
+        if state is None or entry_write.version.int > state.version.int:
+            staged[key] = (entry_write, state)
+    return staged
+
+
+def _after(before: Usage, staged: Iterable[tuple[EntryWrite, EntryState | None]]) -> Usage:
+    """A plugin's usage once these entry writes replaced what their entries held
+    (``Usage.of`` each state, in plain ints)."""
+    entries, size, tombstones = before.entries, before.bytes, before.tombstones
+    for entry_write, state in staged:
+        if state is not None:
+            if state.deleted:
+                tombstones -= 1
+            else:
+                entries -= 1
+                size -= state.value_bytes
+        if entry_write.value_json is None:
+            tombstones += 1
+        else:
+            entries += 1
+            size += entry_write.value_bytes
+    return Usage(entries, size, tombstones)
+
+
+def _sort_key(key: EntryKey) -> tuple[int, str, str, str, str]:
     # Deterministic statements (the plugin locks already rule out deadlocks between them).
-    return (key.plugin_id.bytes, key.scope_kind, key.scope_id or "", key.namespace, key.key)
+    # A UUID's int sorts as its bytes do.
+    return (key.plugin_id.int, key.scope_kind, key.scope_id or "", key.namespace, key.key)

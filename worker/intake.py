@@ -213,9 +213,11 @@ class WriteIntake(_Intake):
 
     def receive(self, message: Delivery) -> ReceivedWrite:
         """Read a write delivery's properties and body; never raises."""
-        received = ReceivedWrite(message, codec_for(JSON), Caller(None, message.routing_key), None)
         outcome = classified(lambda: self._receive(message), "receive", message)
         if isinstance(outcome, StateError):
+            received = ReceivedWrite(
+                message, codec_for(JSON), Caller(None, message.routing_key), None
+            )
             received.error = outcome
             return received
         return outcome

@@ -1,8 +1,14 @@
-"""What the worker sends: replies to callers and rejected messages to the dead-letter exchange.
+"""What the worker sends: replies to callers, rejected messages to the dead-letter exchange,
+and bursts of persistent messages (the change feed's relay).
 
 Both write path and read path publish through this one place. Every publish is bounded in
 time (a broker that is away makes it fail, it never hangs a drain). Dead letters go on a
 channel with publisher confirms, so "dead-lettered" always means "the broker has it".
+
+A burst (``publish_in_order``) is written to the socket as one block of frames, encoded
+here, with one confirmation per message: aiormq's ``basic_publish`` costs a lock round, a
+task and a socket write per message (about 150 µs of CPU each under load, against 30 µs in
+a burst), which made the relay, one message per change, the write path's largest cost.
 
 A dead letter is the rejected message as it arrived, body and properties, with its reason in
 headers. The headers that record a rejection (``x-reject-*``, ``x-original-*``, RabbitMQ's
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any, Final
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
 
+import aiormq
 import pamqp.encode
 import structlog
 from aio_pika.abc import AbstractChannel
+from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
 from schemas.codec import Codec
@@ -160,3 +169,168 @@ class Publisher:
                 await channel.basic_publish(
                     message.body, exchange=self.dead, routing_key="", properties=properties
                 )
+
+
+# ----------------------------------------------------------------------------- bursts
+
+_FRAME_END: Final = b"\xce"
+_METHOD_FRAME: Final = 1
+_HEADER_FRAME: Final = 2
+_BODY_FRAME: Final = 3
+_BASIC_CLASS: Final = 60
+_BASIC_PUBLISH: Final = 40
+# Basic property flags (AMQP 0-9-1 §4.2.6.1, in the order of the properties).
+_CONTENT_TYPE: Final = 0x8000
+_DELIVERY_MODE: Final = 0x1000
+_MESSAGE_ID: Final = 0x0080
+_MESSAGE_TYPE: Final = 0x0020
+_PERSISTENT: Final = 2
+
+
+class Outgoing(NamedTuple):
+    """One message of a burst."""
+
+    routing_key: str
+    message_id: str
+    body: bytes
+
+
+def _short_string(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ValueError(f"an AMQP short string holds at most 255 bytes, not {len(data)}")
+    return bytes((len(data),)) + data
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", kind, channel, len(payload)) + payload + _FRAME_END
+
+
+def burst_frames(
+    channel: int,
+    exchange: str,
+    messages: Sequence[Outgoing],
+    *,
+    content_type: str,
+    message_type: str,
+    max_content: int,
+) -> bytes:
+    """The frames of ``messages`` published persistent to ``exchange`` on ``channel``, as
+    pamqp would encode them (``basic.publish``, a content header with ``content_type``,
+    ``delivery_mode`` 2, ``message_id`` and ``type``, the body in frames of at most
+    ``max_content`` bytes), for far less CPU: only the message id and the body vary."""
+    exchange_field = _short_string(exchange)
+    fixed = _short_string(content_type) + bytes((_PERSISTENT,))
+    kind = _short_string(message_type)
+    flags = _CONTENT_TYPE | _DELIVERY_MODE | _MESSAGE_ID | _MESSAGE_TYPE
+    methods: dict[str, bytes] = {}
+    parts: list[bytes] = []
+    for routing_key, message_id, body in messages:
+        method = methods.get(routing_key)
+        if method is None:
+            method = methods[routing_key] = _frame(
+                _METHOD_FRAME,
+                channel,
+                struct.pack(">HHH", _BASIC_CLASS, _BASIC_PUBLISH, 0)
+                + exchange_field
+                + _short_string(routing_key)
+                + b"\x00",  # neither mandatory nor immediate
+            )
+        parts.append(method)
+        properties = fixed + _short_string(message_id) + kind
+        parts.append(
+            _frame(
+                _HEADER_FRAME,
+                channel,
+                struct.pack(">HHQH", _BASIC_CLASS, 0, len(body), flags) + properties,
+            )
+        )
+        for start in range(0, len(body), max_content):
+            parts.append(_frame(_BODY_FRAME, channel, body[start : start + max_content]))
+    return b"".join(parts)
+
+
+class Confirmations:
+    """The broker's answers to the messages of a burst, awaited together."""
+
+    def __init__(self, channel: aiormq.Channel, first_tag: int, count: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending = count
+        self._refused = 0
+        # The only future of the channel's own: closing the channel fails it, and with it
+        # ``refused``; one per message would cost a fifth of a publish.
+        self._answered_all = channel.create_future()
+        self._futures: list[asyncio.Future[Any]] = []
+        for tag in range(first_tag, first_tag + count):
+            confirmation = loop.create_future()
+            confirmation.add_done_callback(self._answered)
+            channel.confirmations[tag] = confirmation
+            self._futures.append(confirmation)
+        if not count:
+            self._answered_all.set_result(None)
+
+    def _answered(self, confirmation: asyncio.Future[Any]) -> None:
+        acked = (
+            not confirmation.cancelled()
+            and confirmation.exception() is None
+            and isinstance(confirmation.result(), Basic.Ack)
+        )
+        self._refused += not acked
+        self._pending -= 1
+        if not self._pending and not self._answered_all.done():
+            self._answered_all.set_result(None)
+
+    async def refused(self) -> int:
+        """How many of the messages the broker refused (nacked), once it answered every
+        one; raises when the channel closed first."""
+        await self._answered_all
+        return self._refused
+
+    def abandon(self) -> None:
+        """Stop waiting: later answers are ignored."""
+        for confirmation in self._futures:
+            confirmation.cancel()
+        self._answered_all.cancel()
+
+
+async def publish_in_order(
+    channel: aiormq.abc.AbstractChannel,
+    exchange: str,
+    messages: Sequence[Outgoing],
+    *,
+    content_type: str,
+    message_type: str,
+) -> Confirmations:
+    """Publish ``messages`` persistent, in order, on a channel with publisher confirms, in
+    one write to the socket; returns once they are written, with their confirmations.
+
+    It does what aiormq's ``basic_publish`` does for one message, for all of them at once:
+    under the channel's lock (so no other publish comes between, and the delivery tags
+    follow the order on the wire), each message takes the next delivery tag and registers
+    its confirmation where the channel's reader resolves it."""
+    if not isinstance(channel, aiormq.Channel) or not channel.publisher_confirms:
+        raise TypeError("publish_in_order needs an aiormq channel with publisher confirms")
+    async with channel.lock:
+        payload = burst_frames(
+            channel.number,
+            exchange,
+            messages,
+            content_type=content_type,
+            message_type=message_type,
+            max_content=channel.max_content_size,
+        )
+        first = channel.delivery_tag + 1
+        confirmations = Confirmations(channel, first, len(messages))
+        channel.delivery_tag += len(messages)
+        written = channel.create_future()
+        try:
+            await channel.write_queue.put(ChannelFrame(payload, False, written))
+        except BaseException:
+            # Not queued, so the broker never sees these tags: give them back.
+            channel.delivery_tag -= len(messages)
+            for tag in range(first, first + len(messages)):
+                channel.confirmations.pop(tag, None)
+            confirmations.abandon()
+            raise
+        await written
+    return confirmations

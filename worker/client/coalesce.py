@@ -52,12 +52,15 @@ from schemas.messages import (
 
 from .errors import ClientError, NotConnected, RequestTimeout
 from .ids import MonotonicUuid7
-from .models import EntryKey, Scope
+from .models import EntryKey, Scope, entry_key
 
 _OP_OVERHEAD: Final = 96
 """Bytes an op takes in a batch besides its names and value (field names, punctuation)."""
 
 _SAFETY_MARGIN: Final = 1.0
+_CHECKED_NAMES: Final = 16384
+"""Entry names remembered as checked: a plugin writes the same few entries again and
+again, and checking their names was a tenth of a coalesced write's cost."""
 
 WriteCommand = SetCommand | DeleteCommand | BatchCommand
 Send = Callable[[WriteCommand, float], Awaitable[None]]
@@ -92,9 +95,12 @@ class Coalescing:
 @dataclass(slots=True)
 class _Batch:
     id: uuid.UUID
-    done: asyncio.Future[None]
     ops: list[BatchSet | BatchDelete] = field(default_factory=list)
     entries: list[EntryKey] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    """One per caller: a caller that stops waiting cancels its own, not the others'
+    (``asyncio.shield`` over one shared future did the same for twice the callbacks)."""
+    settled: bool = False
     size: int = 0
     timeout: float = 0.0
     """The longest of its callers' timeouts: the publish's deadline."""
@@ -103,20 +109,21 @@ class _Batch:
     refused in time."""
 
     def expire(self, bound: float) -> None:
-        if not self.done.done():
-            self.done.set_exception(
-                RequestTimeout(f"no publisher confirm within {bound}s for batch {self.id}")
-            )
+        self.settle(RequestTimeout(f"no publisher confirm within {bound}s for batch {self.id}"))
 
     def settle(self, failure: BaseException | None = None) -> None:
         if self.expiry is not None:
             self.expiry.cancel()
-        if self.done.done():
+        if self.settled:
             return
-        if failure is None:
-            self.done.set_result(None)
-        else:
-            self.done.set_exception(failure)
+        self.settled = True
+        for waiter in self.waiters:
+            if waiter.done():
+                continue  # its caller stopped waiting
+            if failure is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(failure)
 
     def command(self, plugin_id: uuid.UUID) -> WriteCommand:
         """One op goes as the plain write it is; more as a ``batch``."""
@@ -165,13 +172,21 @@ class Coalescer:
         self._open: _Batch | None = None
         self._sealed: deque[_Batch] = deque()
         self._sender: asyncio.Task[None] | None = None
+        self._checked: set[EntryKey] = set()
         self.batches_sent = 0
         """Messages this coalescer published (each one batch, or one write alone)."""
 
-    def check(self, scope: Scope, namespace: str, key: str) -> None:
-        """The contract's rules of an entry's names: its typed error otherwise."""
+    def check(self, scope: Scope, namespace: str, key: str) -> EntryKey:
+        """The contract's rules of an entry's names: the entry, or its typed error."""
+        entry = entry_key(scope, namespace, key)
+        if entry in self._checked:
+            return entry
         rules.check_names(scope.id, namespace, key)
         rules.check_entry(scope.kind, scope.id, namespace, key)
+        if len(self._checked) >= _CHECKED_NAMES:
+            self._checked.clear()
+        self._checked.add(entry)
+        return entry
 
     def encode(self, value: Any) -> tuple[msgspec.Raw, int] | None:
         """``value`` encoded once, in the client's encoding, after the contract's value
@@ -223,14 +238,17 @@ class Coalescer:
             self._seal()
         if self._sender is None:
             self._sender = asyncio.create_task(self._run(), name="state-client-coalesce")
+        loop = asyncio.get_running_loop()
         if batch.expiry is None:
             # The batch's publish has the caller's deadline, counted from when it is sent
             # (after the batch in flight, itself bounded likewise) and ends in a confirm or
             # an error: this bound is only a safety net, one timer for the whole batch (a
             # timer per caller was a sixth of a coalesced write's cost).
             bound = 2 * timeout + _SAFETY_MARGIN
-            batch.expiry = asyncio.get_running_loop().call_later(bound, batch.expire, bound)
-        await asyncio.shield(batch.done)
+            batch.expiry = loop.call_later(bound, batch.expire, bound)
+        waiter = loop.create_future()
+        batch.waiters.append(waiter)
+        await waiter
         return batch.id
 
     async def flush(self) -> None:
@@ -252,10 +270,7 @@ class Coalescer:
             self._seal()
             batch = None
         if batch is None:
-            done = asyncio.get_running_loop().create_future()
-            # When every caller stopped waiting, nobody retrieves a failure: that is fine.
-            done.add_done_callback(lambda f: f.cancelled() or f.exception())
-            batch = self._open = _Batch(self._new_id(), done)
+            batch = self._open = _Batch(self._new_id())
         return batch
 
     def _seal(self) -> None:

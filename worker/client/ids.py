@@ -85,7 +85,7 @@ class LastWrites(Generic[K]):
             return
         known = self._ids.get(entry)
         # Confirms of concurrent writes may arrive out of order: keep the newest id.
-        self._ids[entry] = write_id if known is None else max(known, write_id)
+        self._ids[entry] = write_id if known is None or write_id.int > known.int else known
         self._ids.move_to_end(entry)
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)

@@ -67,10 +67,10 @@ class Writes(ClientCore):
             and ttl is None
             and not wait
         ):
-            self._coalescer.check(scope, namespace, key)
+            entry = self._coalescer.check(scope, namespace, key)
             encoded = self._coalescer.encode(value)
             if encoded is not None:
-                return await self._coalesced(scope, namespace, key, encoded, timeout)
+                return await self._coalesced(scope, namespace, key, entry, encoded, timeout)
         command = SetCommand(
             id=self._new_id(),
             plugin_id=self.plugin_id,
@@ -101,8 +101,8 @@ class Writes(ClientCore):
         is still the one that write stored (``Conflict`` otherwise; it then waits for its
         outcome unless ``wait=False``). Coalesced like ``set``."""
         if self._coalescer is not None and if_version is None and not wait:
-            self._coalescer.check(scope, namespace, key)
-            return await self._coalesced(scope, namespace, key, None, timeout)
+            entry = self._coalescer.check(scope, namespace, key)
+            return await self._coalesced(scope, namespace, key, entry, None, timeout)
         command = DeleteCommand(
             id=self._new_id(),
             plugin_id=self.plugin_id,
@@ -134,17 +134,13 @@ class Writes(ClientCore):
         scope: Scope,
         namespace: str,
         key: str,
+        entry: EntryKey,
         encoded: tuple[msgspec.Raw, int] | None,
         timeout: float | None,
     ) -> uuid.UUID:
         assert self._coalescer is not None
         return await self._coalescer.write(
-            scope,
-            namespace,
-            key,
-            encoded,
-            entry_key(scope, namespace, key),
-            self.timeout if timeout is None else timeout,
+            scope, namespace, key, encoded, entry, self.timeout if timeout is None else timeout
         )
 
     async def _send_coalesced(

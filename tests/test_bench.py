@@ -133,6 +133,7 @@ async def run_small_bench(settings: Settings, *flags: str) -> tuple[click.testin
         return result, json.loads(report_path.read_text())
 
 
+@pytest.mark.timeout(900)  # about a minute; more when the machine is shared
 async def test_small_bench_reports_every_figure_draws_every_chart_and_cleans_up(
     services: ServiceUrls, tmp_path: Path
 ) -> None:

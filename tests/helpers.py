@@ -170,3 +170,15 @@ async def queue_messages(
         await message.ack()
         taken.append(message)
     return taken
+
+
+def get_request(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:
+    """A `get` request body (§3) for an entry of the issue scope ISS-1."""
+    return {
+        "op": "get",
+        "plugin_id": str(plugin_id),
+        "scope_kind": "issue",
+        "scope_id": "ISS-1",
+        "key": key,
+        **fields,
+    }

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -29,6 +28,7 @@ from worker.config import Settings
 from worker.publish import Publisher
 
 from .conftest import StartWorker
+from .helpers import get_request as get
 from .helpers import publish, queue_messages, set_cmd, uuid7, wait_until
 from .rpc import RawRpc
 
@@ -72,17 +72,6 @@ async def big_plugin(db: asyncpg.Pool) -> AsyncIterator[uuid.UUID]:
     )
     yield plugin
     await db.execute("DELETE FROM plugins WHERE id = $1", plugin)
-
-
-def get(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "op": "get",
-        "plugin_id": str(plugin_id),
-        "scope_kind": "issue",
-        "scope_id": "ISS-1",
-        "key": key,
-        **fields,
-    }
 
 
 async def rpc_underlay(worker: Worker) -> aiormq.abc.AbstractChannel:

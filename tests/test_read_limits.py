@@ -24,6 +24,7 @@ from worker.reads import LIST_SCAN
 from worker.topology import declare
 
 from .conftest import StartWorker
+from .helpers import get_request as get
 from .helpers import set_cmd, uuid7, wait_until
 from .processes import parts, peak_rss, spawn_worker
 from .rpc import RawRpc
@@ -35,17 +36,6 @@ DAY_MS = 86_400_000
 async def rpc(settings: Settings) -> AsyncIterator[RawRpc]:
     async with RawRpc(settings.amqp_url, settings.prefix) as caller:
         yield caller
-
-
-def get(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "op": "get",
-        "plugin_id": str(plugin_id),
-        "scope_kind": "issue",
-        "scope_id": "ISS-1",
-        "key": key,
-        **fields,
-    }
 
 
 async def write_all(rpc: RawRpc, plugin_id: uuid.UUID, *commands: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from worker.topology import Names, declare
 
 from .conftest import StartWorker
 from .helpers import delete_cmd, publish, queue_messages, set_cmd, uuid7, wait_until
+from .helpers import get_request as get
 from .processes import spawn_worker
 from .rpc import RawRpc
 
@@ -32,17 +33,6 @@ ENCODINGS = [JSON, MSGPACK]
 async def rpc(settings: Settings) -> AsyncIterator[RawRpc]:
     async with RawRpc(settings.amqp_url, settings.prefix) as caller:
         yield caller
-
-
-def get(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "op": "get",
-        "plugin_id": str(plugin_id),
-        "scope_kind": "issue",
-        "scope_id": "ISS-1",
-        "key": key,
-        **fields,
-    }
 
 
 async def write_and_wait(

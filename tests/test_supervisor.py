@@ -28,6 +28,7 @@ from worker.topology import Names, declare
 
 from .broker import rabbitmqctl, require_rabbitmqctl
 from .helpers import free_port, publish, set_cmd, wait_until
+from .helpers import get_request as get
 from .processes import alive, children, parts, spawn_worker, wait_exit
 from .rpc import RawRpc
 from .streams import Stream
@@ -144,17 +145,6 @@ async def metrics(port: int) -> Samples:
     url = f"http://127.0.0.1:{port}/metrics"
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return samples(await response.text())
-
-
-def get(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "op": "get",
-        "plugin_id": str(plugin_id),
-        "scope_kind": "issue",
-        "scope_id": "ISS-1",
-        "key": key,
-        **fields,
-    }
 
 
 async def answering(rpc: RawRpc, plugin_id: uuid.UUID) -> bool:

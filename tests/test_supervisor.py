@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import uuid
 from typing import Any
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker.config import Settings
 from worker.health import merged_metrics, merged_readiness
 from worker.metrics import Metrics
-from worker.supervisor import PROCESS_LABEL, plan
+from worker.supervisor import PROCESS_LABEL, _read_word, _watch_supervisor, plan
 from worker.topology import Names, declare
 
 from .broker import rabbitmqctl, require_rabbitmqctl
@@ -308,6 +309,34 @@ async def test_no_process_outlives_a_supervisor_killed_outright(
     for queue in (names.commands_queue, names.rpc_queue):
         declared = await amqp.declare_queue(queue, passive=True)
         assert declared.declaration_result.consumer_count == 0, queue
+
+
+async def test_a_process_stops_when_its_supervisor_dies_with_a_report_of_it_unread() -> None:
+    # A Unix socket whose peer closes with data unread is reset, not ended: the process's
+    # read fails with ECONNRESET instead of returning the end of the stream. It must stop
+    # all the same (the killed supervisor above had not yet read one "started").
+    supervisor_end, process_end = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=process_end)
+    writer.write(b"started\n")
+    await writer.drain()
+    gone = asyncio.Event()
+    watching = asyncio.ensure_future(_watch_supervisor(reader, gone.set))
+    supervisor_end.close()  # as the system does for a SIGKILLed process, the report unread
+    await asyncio.wait_for(watching, timeout=5)
+    assert gone.is_set()
+    with pytest.raises(ConnectionResetError):
+        await reader.read()  # it was a reset indeed
+    writer.close()
+
+
+async def test_a_process_told_nothing_by_a_supervisor_gone_reads_an_empty_word() -> None:
+    supervisor_end, process_end = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=process_end)
+    writer.write(b"http 1234\n")
+    await writer.drain()
+    supervisor_end.close()
+    assert await asyncio.wait_for(_read_word(reader), timeout=5) == b""
+    writer.close()
 
 
 async def test_reads_are_answered_while_the_write_path_is_saturated(

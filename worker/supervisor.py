@@ -30,7 +30,8 @@ instead of leaving it half alive.
 **The link.** Each process inherits one end of a Unix socket pair. The supervisor writes
 ``start``; the process writes ``http <port>`` once its own HTTP server listens (on loopback,
 on a port the system picks) and ``started`` once it consumes. When the supervisor goes away,
-even by SIGKILL, the process reads the end of the stream, and drains and stops: no orphan.
+even by SIGKILL, the process reads the end of the stream (or a reset, when a report of its own
+was left unread), and drains and stops: no orphan.
 Portable, unlike ``PR_SET_PDEATHSIG``, and a stop, not a kill.
 
 **HTTP.** The supervisor serves ``PLUGIN_STATE_HTTP_PORT``: ``/healthz`` while it runs,
@@ -47,7 +48,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -368,12 +369,12 @@ async def serve_part(settings: Settings, name: str, fd: int) -> None:
         loop.add_signal_handler(sig, worker.request_stop)
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
     try:
-        told = asyncio.ensure_future(reader.readline())
+        told = asyncio.ensure_future(_read_word(reader))
         await _first(told, worker.stopping.wait())
         if not told.done() or told.result() != _START:
             told.cancel()
             return  # stopped, or the supervisor went, before this process's turn
-        watching = asyncio.ensure_future(_watch_supervisor(reader, worker))
+        watching = asyncio.ensure_future(_watch_supervisor(reader, worker.request_stop))
         reporting = asyncio.ensure_future(_report(writer, worker))
         freeze_imports()
         try:
@@ -386,10 +387,22 @@ async def serve_part(settings: Settings, name: str, fd: int) -> None:
         writer.close()
 
 
-async def _watch_supervisor(reader: asyncio.StreamReader, worker: Worker) -> None:
-    await reader.read()  # the supervisor writes nothing more: this is the end of the stream
+async def _read_word(reader: asyncio.StreamReader) -> bytes:
+    """The supervisor's next line; empty once it is gone."""
+    try:
+        return await reader.readline()
+    except ConnectionError:
+        return b""  # gone, with a report of ours unread: a reset, not an end of stream
+
+
+async def _watch_supervisor(reader: asyncio.StreamReader, gone: Callable[[], None]) -> None:
+    """Call ``gone`` when the supervisor is: the end of the stream, or a reset when it died
+    with a report of this process unread (the system resets a Unix socket whose peer closes
+    with data in its buffer). Either way this process drains and stops: no orphan."""
+    with contextlib.suppress(ConnectionError):
+        await reader.read()  # the supervisor writes nothing more after ``start``
     log.warning("supervisor_gone")
-    worker.request_stop()
+    gone()
 
 
 async def _report(writer: asyncio.StreamWriter, worker: Worker) -> None:

@@ -132,7 +132,8 @@ async def test_healthz_answers_and_readyz_follows_postgres(
 
         # Before the proxy goes: the write sent during the outage must not be left for the
         # worker's drain, which would then find Postgres gone for good (a DrainTimeout).
-        await wait_until(applied, what="the write sent during the outage to be applied")
+        # The worker retries on its back-off, which a loaded machine stretches: wait long.
+        await wait_until(applied, timeout=60, what="the write sent during the outage to be applied")
 
 
 async def test_json_logs_are_one_object_per_line_without_secrets(settings: Settings) -> None:

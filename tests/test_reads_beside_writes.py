@@ -52,12 +52,11 @@ async def test_gets_are_answered_while_a_write_backlog_is_still_being_applied(
         )
     await start_worker()
 
-    async def first_write_applied() -> bool:
-        return bool(
-            await db.fetchval("SELECT count(*) FROM plugin_state WHERE plugin_id = $1", plugin_id)
-        )
+    async def read_me_applied() -> bool:
+        # Not any first row: the batch holding "read-me" may commit after later ones.
+        return ("issue", "ISS-1", "default", "read-me") in await state_of(db, plugin_id)
 
-    await wait_until(first_write_applied, what="the worker to start applying the backlog")
+    await wait_until(read_me_applied, what="the worker to start applying the backlog")
 
     get = {"op": "get", "plugin_id": str(plugin_id), "scope_kind": "issue", "scope_id": "ISS-1"}
     async with RawRpc(settings.amqp_url, prefix) as rpc:

@@ -160,7 +160,9 @@ async def test_hostile_input_ends_stored_unaltered_or_dead_lettered_with_a_code(
         cases.append(case)
 
     collect()
-    worker = await start_worker()
+    # One batch applied at a time: concurrent batches of one plugin may commit in any order,
+    # and the sentinel below must come last.
+    worker = await start_worker(apply_concurrency=1)
     exchange = await amqp.get_exchange(prefix, ensure=False)
     for n, (_, body, content_type) in enumerate(cases):
         await exchange.publish(
@@ -169,8 +171,8 @@ async def test_hostile_input_ends_stored_unaltered_or_dead_lettered_with_a_code(
             ),
             routing_key=f"cmd.{plugin_id}",
         )
-    # One consumer takes the queue in order: once this last write is applied, every
-    # message before it has been applied or dead-lettered.
+    # One consumer applying one batch at a time takes the queue in order: once this last
+    # write is applied, every message before it has been applied or dead-lettered.
     sentinel = set_cmd(plugin_id, "sentinel", True, write_id=uuid7())
     await helpers.publish(amqp, prefix, plugin_id, sentinel)
 

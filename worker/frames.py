@@ -57,11 +57,7 @@ def _timestamp(value: bytes) -> tuple[int, datetime.datetime | None]:
 
 
 def _short_str(value: bytes) -> tuple[int, str]:
-    try:
-        length = struct.unpack("B", value[0:1])[0]
-    except struct.error as err:
-        raise ValueError("Could not unpack short string value") from err
-    return length + 1, value[1 : length + 1].decode("utf-8", errors="replace")
+    return _short_str_at(value, 0)
 
 
 _PROPERTIES: Final = tuple(

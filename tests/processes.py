@@ -13,9 +13,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The bench reads a worker's process tree the same way: one reading of /proc for both.
+from worker.bench.harness import children, part_of, tree
 from worker.config import Settings
 
 from .helpers import wait_until
+
+__all__ = [
+    "alive",
+    "children",
+    "kill_tree",
+    "part_of",
+    "parts",
+    "peak_rss",
+    "spawn_worker",
+    "tree",
+    "wait_exit",
+]
 
 
 def spawn_worker(
@@ -44,32 +58,6 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float = 30) -> in
     await wait_until(exited, timeout=timeout, what="the worker process to exit")
     assert process.returncode is not None
     return process.returncode
-
-
-def children(pid: int) -> list[int]:
-    """The processes ``pid`` started that are still running (Linux: /proc)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every process under it."""
-    return [pid, *(below for child in children(pid) for below in tree(child))]
-
-
-def part_of(pid: int) -> str | None:
-    """What a process of a split worker does (its ``--part``); None for the supervisor or a
-    worker in one process."""
-    try:
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return None
-    if b"--part" not in arguments:
-        return None
-    return arguments[arguments.index(b"--part") + 1].decode()
 
 
 def parts(process: subprocess.Popen[bytes]) -> dict[str, int]:

@@ -115,7 +115,7 @@ class Process:
 
     def tree(self) -> list[int]:
         """The process and those under it that run now."""
-        return _tree(self.pid)
+        return tree(self.pid)
 
     def resident(self) -> Resident:
         processes = []
@@ -148,13 +148,10 @@ class Process:
 
     def _name_of(self, pid: int) -> str:
         """A worker's process by its part (``--part``), its supervisor, or the process."""
-        try:
-            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            arguments = []
-        if b"--part" in arguments:
-            return arguments[arguments.index(b"--part") + 1].decode()
-        return "supervisor" if pid == self.pid and _children(pid) else self.name
+        part = part_of(pid)
+        if part is not None:
+            return part
+        return "supervisor" if pid == self.pid and children(pid) else self.name
 
     def log_tail(self) -> str:
         self.log_file.flush()
@@ -182,7 +179,8 @@ class Process:
         return self.process.returncode
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still running (Linux: /proc)."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
@@ -190,8 +188,21 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _tree(pid: int) -> list[int]:
-    return [pid, *(below for child in _children(pid) for below in _tree(child))]
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    return [pid, *(below for child in children(pid) for below in tree(child))]
+
+
+def part_of(pid: int) -> str | None:
+    """What a process of a split worker does (its ``--part``, ``worker.supervisor``); None
+    for a supervisor, a worker in one process, or a process that is gone."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return None
+    if b"--part" not in arguments:
+        return None
+    return arguments[arguments.index(b"--part") + 1].decode()
 
 
 # --------------------------------------------------------------------------- environment

@@ -41,7 +41,7 @@ from .broker import rabbitmqctl, require_rabbitmqctl
 from .fuzz import strategies
 from .fuzz.target import PLUGIN as TARGET_PLUGIN
 from .fuzz.target import encode_input, one_delivery
-from .helpers import queue_messages, set_cmd, state_of, uuid7, wait_until
+from .helpers import get_request, queue_messages, set_cmd, state_of, uuid7, wait_until
 from .processes import peak_rss, spawn_worker, tree
 from .rpc import RawRpc
 
@@ -241,14 +241,7 @@ async def answering(rpc: RawRpc, plugin_id: uuid.UUID) -> bool:
 
 
 def read(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "op": "get",
-        "plugin_id": str(plugin_id),
-        "scope_kind": "issue",
-        "scope_id": "BIG",
-        "key": key,
-        **fields,
-    }
+    return get_request(plugin_id, key, scope_id="BIG", **fields)
 
 
 async def one_hostile(soak: Soak) -> str:

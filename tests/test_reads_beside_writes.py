@@ -15,7 +15,7 @@ from worker.priority import ReadsFirst
 from worker.topology import declare
 
 from .conftest import StartWorker
-from .helpers import publish, set_cmd, state_of, wait_until
+from .helpers import get_request, publish, set_cmd, state_of, wait_until
 from .rpc import RawRpc
 
 BACKLOG = 10_000
@@ -58,10 +58,9 @@ async def test_gets_are_answered_while_a_write_backlog_is_still_being_applied(
 
     await wait_until(read_me_applied, what="the worker to start applying the backlog")
 
-    get = {"op": "get", "plugin_id": str(plugin_id), "scope_kind": "issue", "scope_id": "ISS-1"}
     async with RawRpc(settings.amqp_url, prefix) as rpc:
         for _ in range(GETS):
-            reply = await rpc.call(plugin_id, {**get, "key": "read-me"}, timeout=30)
+            reply = await rpc.call(plugin_id, get_request(plugin_id, "read-me"), timeout=30)
             assert reply["found"] is True and reply["value"] == "here"
 
     assert await state_of(db, plugin_id) != final, (

@@ -23,6 +23,7 @@ from worker.config import Settings
 from worker.topology import Names
 
 from .conftest import StartWorker
+from .helpers import get_request as get
 from .helpers import queue_messages, set_cmd, state_of, wait_until
 from .rpc import RawRpc
 
@@ -37,16 +38,6 @@ class InjectedBug(RuntimeError):
 async def rpc(settings: Settings) -> AsyncIterator[RawRpc]:
     async with RawRpc(settings.amqp_url, settings.prefix) as caller:
         yield caller
-
-
-def get(plugin_id: uuid.UUID, key: str) -> dict[str, Any]:
-    return {
-        "op": "get",
-        "plugin_id": str(plugin_id),
-        "scope_kind": "issue",
-        "scope_id": "ISS-1",
-        "key": key,
-    }
 
 
 def failing_for_culprit(

@@ -82,6 +82,14 @@ class RawRpc:
         )
         return future
 
+    async def answering(self, plugin_id: uuid.UUID) -> bool:
+        """Whether a worker answers a `get` within a second: a probe for ``wait_until``."""
+        try:
+            await self.call(plugin_id, helpers.get_request(plugin_id, "nothing"), timeout=1)
+        except TimeoutError:
+            return False
+        return True
+
     async def call(
         self,
         plugin_id: uuid.UUID | str,

@@ -212,7 +212,7 @@ async def test_a_hostile_soak_through_two_workers_leaves_them_standing(
     victim = await amqp.declare_queue(f"pstest_victim_{uuid.uuid4().hex[:8]}", exclusive=True)
     try:
         async with RawRpc(settings.amqp_url, settings.prefix) as rpc:
-            await wait_until(lambda: answering(rpc, plugin_id), what="the workers to serve")
+            await wait_until(lambda: rpc.answering(plugin_id), what="the workers to serve")
             # Each worker's write path's connection and its read path's.
             assert [await connections_of(pid) for pid in pids] == [2, 2]
             soak = Soak(amqp, rpc, settings.prefix, plugin_id, victim.name, hostile)
@@ -230,14 +230,6 @@ async def test_a_hostile_soak_through_two_workers_leaves_them_standing(
             worker.terminate()
         for worker in workers:
             worker.wait(60)
-
-
-async def answering(rpc: RawRpc, plugin_id: uuid.UUID) -> bool:
-    try:
-        await rpc.call(plugin_id, read(plugin_id, "nothing"), timeout=1)
-    except TimeoutError:
-        return False
-    return True
 
 
 def read(plugin_id: uuid.UUID, key: str, **fields: Any) -> dict[str, Any]:

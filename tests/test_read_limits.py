@@ -98,7 +98,7 @@ async def test_one_large_entry_named_a_thousand_times_costs_one_reply_not_a_giga
     try:
         async with RawRpc(settings.amqp_url, settings.prefix) as rpc:
             big = "x" * (1024 * 1024 - 100)
-            await wait_until(lambda: answers(rpc, plugin_id), what="the worker to serve reads")
+            await wait_until(lambda: rpc.answering(plugin_id), what="the worker to serve reads")
             await write_all(rpc, plugin_id, set_cmd(plugin_id, "big", big))
             reader = parts(worker)["reads"]  # the process that answers (worker.supervisor)
             before = peak_rss(reader)
@@ -114,14 +114,6 @@ async def test_one_large_entry_named_a_thousand_times_costs_one_reply_not_a_giga
         worker.wait(30)
     print(f"peak RSS grew by {grown / 1e6:.1f} MB answering 20 x 1000 x 1 MiB")
     assert grown < 100e6
-
-
-async def answers(rpc: RawRpc, plugin_id: uuid.UUID) -> bool:
-    try:
-        await rpc.call(plugin_id, get(plugin_id, "nothing"), timeout=1)
-    except TimeoutError:
-        return False
-    return True
 
 
 async def test_only_so_many_reads_of_a_plugin_wait_and_other_plugins_are_not_held_up(

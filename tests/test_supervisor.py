@@ -148,14 +148,6 @@ async def metrics(port: int) -> Samples:
         return samples(await response.text())
 
 
-async def answering(rpc: RawRpc, plugin_id: uuid.UUID) -> bool:
-    try:
-        await rpc.call(plugin_id, get(plugin_id, "nothing"), timeout=1)
-    except TimeoutError:
-        return False
-    return True
-
-
 def json_events(stderr: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
 
@@ -221,7 +213,7 @@ async def test_processes_single_runs_every_role_in_one_process(
     worker = spawn_worker(settings, processes="single")
     try:
         async with RawRpc(settings.amqp_url, prefix) as rpc:
-            await wait_until(lambda: answering(rpc, plugin_id), timeout=60, what="reads")
+            await wait_until(lambda: rpc.answering(plugin_id), timeout=60, what="reads")
             write = set_cmd(plugin_id, "k", 1)
             await publish(amqp, prefix, plugin_id, write)
             reply = await rpc.call(plugin_id, get(plugin_id, "k", after=write["id"]))
@@ -247,7 +239,7 @@ async def test_sigterm_to_the_supervisor_drains_every_process_and_exits_zero(
     )
     try:
         async with RawRpc(settings.amqp_url, prefix) as rpc:
-            await wait_until(lambda: answering(rpc, plugin_id), timeout=60, what="reads")
+            await wait_until(lambda: rpc.answering(plugin_id), timeout=60, what="reads")
         await wait_until(lambda: stream.some_applied(db), what="the worker to apply writes")
         found = parts(process)
     finally:
@@ -273,7 +265,7 @@ async def test_a_process_that_dies_ends_the_run_the_other_drained_exit_1(
     await declare(amqp, settings)
     process = spawn_worker(settings, stderr=subprocess.PIPE, log_format="json", log_level="info")
     async with RawRpc(settings.amqp_url, settings.prefix) as rpc:
-        await wait_until(lambda: answering(rpc, plugin_id), timeout=60, what="reads")
+        await wait_until(lambda: rpc.answering(plugin_id), timeout=60, what="reads")
     found = parts(process)
     os.kill(found[victim], signal.SIGKILL)
     assert process.stderr is not None
@@ -293,7 +285,7 @@ async def test_no_process_outlives_a_supervisor_killed_outright(
     await declare(amqp, settings)
     process = spawn_worker(settings)
     async with RawRpc(settings.amqp_url, settings.prefix) as rpc:
-        await wait_until(lambda: answering(rpc, plugin_id), timeout=60, what="reads")
+        await wait_until(lambda: rpc.answering(plugin_id), timeout=60, what="reads")
     found = parts(process)
     assert set(found) == SPLIT
     process.send_signal(signal.SIGKILL)

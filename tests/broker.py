@@ -27,6 +27,13 @@ def require_rabbitmqctl() -> None:
         pytest.skip("rabbitmqctl is not on PATH: cannot close a worker's broker connections")
 
 
+async def connections_named(*name_parts: str) -> list[str]:
+    """The client-provided properties of every connection whose name contains any of
+    ``name_parts``, a line each."""
+    listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
+    return [line for line in listing.splitlines() if any(part in line for part in name_parts)]
+
+
 async def close_connections(name_contains: str) -> int:
     """Close every connection whose client-provided name contains ``name_contains``."""
     # The table format prints pids in the form close_connection accepts.

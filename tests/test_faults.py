@@ -21,7 +21,7 @@ from worker.config import Settings
 from worker.store import APPLICATION_NAME
 from worker.topology import Names, declare
 
-from .broker import close_connections, rabbitmqctl, require_rabbitmqctl
+from .broker import close_connections, connections_named, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import through, wait_until
 from .processes import kill_tree, spawn_worker, wait_exit
@@ -175,8 +175,7 @@ async def test_the_read_path_has_a_connection_of_its_own_only_beside_another_rol
     cases = [({"writes", "reads", "relay"}, 2), ({"reads"}, 1), ({"writes", "relay"}, 1)]
     for roles, connections in cases:
         worker = await start_worker(roles=frozenset(roles))
-        listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
-        names = [line for line in listing.splitlines() if worker.instance in line]
+        names = await connections_named(worker.instance)
         assert len(names) == connections, roles
         assert sum(" reads" in name for name in names) == ("reads" in roles), roles
 

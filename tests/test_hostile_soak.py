@@ -37,7 +37,7 @@ from worker.config import Settings
 from worker.topology import Names, declare
 
 from . import frames, helpers
-from .broker import rabbitmqctl, require_rabbitmqctl
+from .broker import connections_named, require_rabbitmqctl
 from .fuzz import strategies
 from .fuzz.target import PLUGIN as TARGET_PLUGIN
 from .fuzz.target import encode_input, one_delivery
@@ -108,9 +108,7 @@ def for_plugin(body: bytes, plugin_id: uuid.UUID, write_id: uuid.UUID) -> bytes:
 
 async def connections_of(worker: int) -> int:
     """The broker connections of a worker's processes (``worker.supervisor``)."""
-    listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
-    pids = tree(worker)
-    return sum(f":{pid}:" in line for line in listing.splitlines() for pid in pids)
+    return len(await connections_named(*(f":{pid}:" for pid in tree(worker))))
 
 
 @dataclass

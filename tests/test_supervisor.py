@@ -27,7 +27,7 @@ from worker.metrics import Metrics
 from worker.supervisor import PROCESS_LABEL, _read_word, _watch_supervisor, plan
 from worker.topology import Names, declare
 
-from .broker import rabbitmqctl, require_rabbitmqctl
+from .broker import connections_named, require_rabbitmqctl
 from .helpers import free_port, publish, set_cmd, wait_until
 from .helpers import get_request as get
 from .processes import alive, children, parts, spawn_worker, wait_exit
@@ -150,11 +150,6 @@ async def metrics(port: int) -> Samples:
 
 def json_events(stderr: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.decode().splitlines() if line.startswith("{")]
-
-
-async def connections_named(part: str) -> list[str]:
-    listing = await rabbitmqctl("list_connections", "--no-table-headers", "client_properties")
-    return [line for line in listing.splitlines() if part in line]
 
 
 async def test_run_serves_reads_from_a_process_of_its_own_behind_one_http_face(

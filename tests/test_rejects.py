@@ -16,6 +16,7 @@ from worker.config import Settings
 from worker.topology import Names
 
 from . import helpers
+from .broker import rabbitmqctl, require_rabbitmqctl
 from .conftest import StartWorker
 from .helpers import queue_messages, set_cmd, state_of, uuid7, wait_until
 
@@ -234,7 +235,8 @@ async def test_a_reject_whose_dead_letter_fails_is_not_lost_to_the_next_batchs_a
     plugin_id: uuid.UUID,
     prefix: str,
 ) -> None:
-    await start_worker()
+    require_rabbitmqctl()
+    worker = await start_worker()
     names = Names(prefix)
     # The dead-letter exchange goes away: every dead letter's publish now fails.
     await amqp.exchange_delete(names.dead)
@@ -247,13 +249,27 @@ async def test_a_reject_whose_dead_letter_fails_is_not_lost_to_the_next_batchs_a
         return len(await state_of(db, plugin_id)) == 20
 
     await wait_until(good_applied, what="the good writes")
-    # Back: the reject comes round again and now reaches the dead-letter queue.
+    # Back: the reject comes round again and now reaches the dead-letter queue. Not while
+    # the exchange is back but its queue not yet bound to it: a dead letter published then
+    # would be routed nowhere. So the worker takes no deliveries meanwhile, and the reject
+    # waits in the queue, held by nobody.
+    assert worker.consumer is not None
+    await worker.consumer.subscription.hold("test")
+
+    async def reject_waiting() -> bool:
+        listing = await rabbitmqctl(
+            "list_queues", "--no-table-headers", "name", "messages_ready", "messages_unacknowledged"
+        )
+        return f"{names.commands_queue}\t1\t0" in listing.splitlines()
+
+    await wait_until(reject_waiting, what="the reject back in the queue, unheld")
     dead_exchange = await amqp.declare_exchange(
         names.dead, aio_pika.ExchangeType.FANOUT, durable=True
     )
     # The queue is still there (only its exchange went): bound again, as a worker would.
     dead = await amqp.declare_queue(names.dead, passive=True)
     await dead.bind(dead_exchange)
+    await worker.consumer.subscription.release("test")
 
     async def dead_lettered() -> bool:
         queue = await amqp.declare_queue(names.dead, passive=True)
